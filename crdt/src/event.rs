@@ -1,0 +1,624 @@
+//! The event: its fields, canonical CBOR encoding, hash chain and signature.
+//!
+//! Wire form (version 1): a CBOR array
+//! `[1, origin, seq, clock, hlc, key, op, kind, payload, meta, prev, sig]` with byte
+//! fields as CBOR byte strings. An array rather than a map because field names would
+//! add ~50 bytes to every event on the wire and on disk.
+//!
+//! The signature covers `["weft/event/1", space, <the array without sig>]`. The space is
+//! signed but not sent: it is known from the gossip topic or the pull request, and
+//! signing it means an event cannot be replayed into another space.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use serde::de::{self, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_bytes::{ByteBuf, Bytes};
+
+use crate::clock::{VectorClock, VersionVector};
+use crate::error::EventError;
+use crate::hlc::Hlc;
+use crate::id::{EventId, NodeId, SpaceName};
+use crate::limits::*;
+
+const WIRE_VERSION: u64 = 1;
+const SIGNING_DOMAIN: &str = "weft/event/1";
+
+/// What an event does to its key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Op {
+    /// Sets the key to the payload.
+    Put,
+    /// Removes the key's value (a tombstone; the event itself stays in the log).
+    Delete,
+}
+
+impl Op {
+    fn code(self) -> u8 {
+        match self {
+            Op::Put => 0,
+            Op::Delete => 1,
+        }
+    }
+    fn from_code(c: u8) -> Option<Op> {
+        match c {
+            0 => Some(Op::Put),
+            1 => Some(Op::Delete),
+            _ => None,
+        }
+    }
+    /// `"put"` or `"delete"`, as in the HTTP API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Put => "put",
+            Op::Delete => "delete",
+        }
+    }
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The blake3 hash of an event's canonical encoding. Each event carries its origin's
+/// previous event's hash (`prev`), so an origin's events in a space form a chain.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EventHash(pub [u8; 32]);
+
+impl fmt::Debug for EventHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "EventHash(")?;
+        for b in &self.0[..8] {
+            write!(f, "{b:02x}")?;
+        }
+        write!(f, "..)")
+    }
+}
+
+impl fmt::Display for EventHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in &self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+/// An event before it is signed: what `append` fills in for a local write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnsignedEvent {
+    /// The writing node.
+    pub origin: NodeId,
+    /// 1, 2, 3, ... per origin and space.
+    pub seq: u64,
+    /// The origin's clock when it wrote: everything it had applied, plus `origin -> seq`.
+    pub clock: VectorClock,
+    /// Hybrid logical clock reading at the write.
+    pub hlc: Hlc,
+    /// The record this event is about.
+    pub key: String,
+    /// Put or delete.
+    pub op: Op,
+    /// The application's event type.
+    pub kind: String,
+    /// The value, CBOR-encoded. Empty for a delete.
+    pub payload: Vec<u8>,
+    /// Audit data.
+    pub meta: BTreeMap<String, String>,
+    /// Hash of the origin's previous event in the space; `None` exactly when `seq == 1`.
+    pub prev: Option<EventHash>,
+}
+
+/// A signed, immutable event. See the module docs for its encoding.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// The writing node.
+    pub origin: NodeId,
+    /// 1, 2, 3, ... per origin and space.
+    pub seq: u64,
+    /// The origin's clock when it wrote, containing `origin -> seq`.
+    pub clock: VectorClock,
+    /// Hybrid logical clock reading at the write.
+    pub hlc: Hlc,
+    /// The record this event is about.
+    pub key: String,
+    /// Put or delete.
+    pub op: Op,
+    /// The application's event type.
+    pub kind: String,
+    /// The value, CBOR-encoded. Empty for a delete.
+    pub payload: Vec<u8>,
+    /// Audit data.
+    pub meta: BTreeMap<String, String>,
+    /// Hash of the origin's previous event in the space; `None` exactly when `seq == 1`.
+    pub prev: Option<EventHash>,
+    /// ed25519 signature by `origin` over the canonical encoding of the other fields
+    /// and the space.
+    pub sig: [u8; 64],
+}
+
+/// Whether an event can be applied on a replica with a given version vector.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Readiness {
+    /// Already applied: drop it.
+    Duplicate,
+    /// Every event in its clock is applied: apply it now.
+    Ready,
+    /// Some dependency is missing: park it until it arrives.
+    Waiting,
+}
+
+/// Checks the parts of a write that a user supplies, against [`crate::limits`].
+pub fn check_write_fields(
+    key: &str,
+    op: Op,
+    kind: &str,
+    payload: &[u8],
+    meta: &BTreeMap<String, String>,
+) -> Result<(), EventError> {
+    if key.is_empty() {
+        return Err(EventError::Limit("key must not be empty".into()));
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(EventError::Limit(format!(
+            "key is {} bytes; the limit is {MAX_KEY_BYTES}",
+            key.len()
+        )));
+    }
+    if key.chars().any(char::is_control) {
+        return Err(EventError::Limit(
+            "key must not contain control characters".into(),
+        ));
+    }
+    if kind.len() > MAX_KIND_BYTES {
+        return Err(EventError::Limit(format!(
+            "kind is {} bytes; the limit is {MAX_KIND_BYTES}",
+            kind.len()
+        )));
+    }
+    if payload.len() > MAX_PAYLOAD_BYTES {
+        return Err(EventError::Limit(format!(
+            "value is {} bytes encoded; the limit is {MAX_PAYLOAD_BYTES}",
+            payload.len()
+        )));
+    }
+    if op == Op::Delete && !payload.is_empty() {
+        return Err(EventError::Malformed("a delete carries no value".into()));
+    }
+    let meta_bytes: usize = meta.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if meta.len() > MAX_META_ENTRIES || meta_bytes > MAX_META_BYTES {
+        return Err(EventError::Limit(format!(
+            "meta has {} entries and {meta_bytes} bytes; the limits are {MAX_META_ENTRIES} entries and {MAX_META_BYTES} bytes",
+            meta.len()
+        )));
+    }
+    Ok(())
+}
+
+/// The fields of an event in wire order, borrowed, without the signature.
+#[derive(Serialize)]
+struct Body<'a>(
+    u64,
+    &'a Bytes,
+    u64,
+    &'a VectorClock,
+    u64,
+    &'a str,
+    u8,
+    &'a str,
+    &'a Bytes,
+    &'a BTreeMap<String, String>,
+    Option<&'a Bytes>,
+);
+
+macro_rules! body_of {
+    ($e:expr) => {
+        Body(
+            WIRE_VERSION,
+            Bytes::new($e.origin.as_bytes()),
+            $e.seq,
+            &$e.clock,
+            $e.hlc.0,
+            &$e.key,
+            $e.op.code(),
+            &$e.kind,
+            Bytes::new(&$e.payload),
+            &$e.meta,
+            $e.prev.as_ref().map(|h| Bytes::new(&h.0)),
+        )
+    };
+}
+
+fn signing_bytes(space: &SpaceName, body: &Body<'_>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    // Writing to a Vec cannot fail and every field is serializable.
+    ciborium::into_writer(&(SIGNING_DOMAIN, space.as_str(), body), &mut out)
+        .unwrap_or_else(|e| unreachable!("CBOR encoding into a Vec failed: {e}"));
+    out
+}
+
+impl UnsignedEvent {
+    /// Signs the event for `space` with the origin's key.
+    ///
+    /// The caller guarantees `key` is the origin's key; [`Event::verify`] is what
+    /// receivers rely on.
+    pub fn sign(self, space: &SpaceName, key: &SigningKey) -> Event {
+        let sig = key.sign(&signing_bytes(space, &body_of!(self))).to_bytes();
+        Event {
+            origin: self.origin,
+            seq: self.seq,
+            clock: self.clock,
+            hlc: self.hlc,
+            key: self.key,
+            op: self.op,
+            kind: self.kind,
+            payload: self.payload,
+            meta: self.meta,
+            prev: self.prev,
+            sig,
+        }
+    }
+}
+
+impl Event {
+    /// `(origin, seq)`.
+    pub fn id(&self) -> EventId {
+        EventId::new(self.origin, self.seq)
+    }
+
+    /// The canonical CBOR encoding.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(200 + self.payload.len() + 40 * self.clock.len());
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// Appends the canonical CBOR encoding to `out`.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        ciborium::into_writer(self, out)
+            .unwrap_or_else(|e| unreachable!("CBOR encoding into a Vec failed: {e}"));
+    }
+
+    /// Decodes and structurally validates one event. Does not check the signature.
+    pub fn decode(bytes: &[u8]) -> Result<Event, EventError> {
+        if bytes.len() > MAX_EVENT_BYTES {
+            return Err(EventError::Limit(format!(
+                "event is {} bytes; the limit is {MAX_EVENT_BYTES}",
+                bytes.len()
+            )));
+        }
+        let e: Event =
+            ciborium::from_reader(bytes).map_err(|err| EventError::Decode(err.to_string()))?;
+        e.validate()?;
+        Ok(e)
+    }
+
+    /// The blake3 hash of the canonical encoding, which the origin's next event names
+    /// as its `prev`.
+    pub fn hash(&self) -> EventHash {
+        EventHash(*blake3::hash(&self.encode()).as_bytes())
+    }
+
+    /// Checks the fields against each other and against [`crate::limits`].
+    pub fn validate(&self) -> Result<(), EventError> {
+        let bad = |m: String| Err(EventError::Malformed(m));
+        if self.seq == 0 {
+            return bad("seq must be at least 1".into());
+        }
+        if self.clock.get(&self.origin) != self.seq {
+            return bad(format!(
+                "clock entry of the origin is {}, expected its seq {}",
+                self.clock.get(&self.origin),
+                self.seq
+            ));
+        }
+        if self.clock.has_zero_entry() {
+            return bad("clock has a zero entry".into());
+        }
+        if self.clock.len() > MAX_CLOCK_ENTRIES {
+            return Err(EventError::Limit(format!(
+                "clock has {} entries; the limit is {MAX_CLOCK_ENTRIES}",
+                self.clock.len()
+            )));
+        }
+        if (self.seq == 1) != self.prev.is_none() {
+            return bad("prev must be absent exactly for seq 1".into());
+        }
+        check_write_fields(&self.key, self.op, &self.kind, &self.payload, &self.meta)
+    }
+
+    /// Verifies the origin's signature for `space`.
+    pub fn verify(&self, space: &SpaceName) -> Result<(), EventError> {
+        let bad = || EventError::BadSignature(self.id().to_string());
+        let key = VerifyingKey::from_bytes(self.origin.as_bytes()).map_err(|_| bad())?;
+        let sig = Signature::from_bytes(&self.sig);
+        key.verify_strict(&signing_bytes(space, &body_of!(self)), &sig)
+            .map_err(|_| bad())
+    }
+
+    /// Whether this event can be applied on a replica that has `vv`.
+    ///
+    /// Ready means: the origin's previous event is applied and so is everything the
+    /// origin had applied when it wrote (its clock). Applying only ready events makes
+    /// every replica's order causal.
+    pub fn readiness(&self, vv: &VersionVector) -> Readiness {
+        let have = vv.get(&self.origin);
+        if have >= self.seq {
+            return Readiness::Duplicate;
+        }
+        if have + 1 < self.seq {
+            return Readiness::Waiting;
+        }
+        let deps_met = self
+            .clock
+            .iter()
+            .all(|(o, s)| *o == self.origin || vv.get(o) >= s);
+        if deps_met {
+            Readiness::Ready
+        } else {
+            Readiness::Waiting
+        }
+    }
+}
+
+impl Serialize for Event {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeTuple;
+        let Body(v, origin, seq, clock, hlc, key, op, kind, payload, meta, prev) = body_of!(self);
+        let mut t = s.serialize_tuple(12)?;
+        t.serialize_element(&v)?;
+        t.serialize_element(origin)?;
+        t.serialize_element(&seq)?;
+        t.serialize_element(clock)?;
+        t.serialize_element(&hlc)?;
+        t.serialize_element(key)?;
+        t.serialize_element(&op)?;
+        t.serialize_element(kind)?;
+        t.serialize_element(payload)?;
+        t.serialize_element(meta)?;
+        t.serialize_element(&prev)?;
+        t.serialize_element(Bytes::new(&self.sig))?;
+        t.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Event {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Event;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a weft event array")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Event, A::Error> {
+                fn next<'de, T: Deserialize<'de>, A: SeqAccess<'de>>(
+                    a: &mut A,
+                    field: &str,
+                ) -> Result<T, A::Error> {
+                    a.next_element()?
+                        .ok_or_else(|| de::Error::custom(format!("event lacks its {field}")))
+                }
+                fn fixed<const N: usize, E: de::Error>(
+                    b: ByteBuf,
+                    field: &str,
+                ) -> Result<[u8; N], E> {
+                    b.as_slice().try_into().map_err(|_| {
+                        E::custom(format!("{field} must be {N} bytes, got {}", b.len()))
+                    })
+                }
+                let version: u64 = next(&mut a, "version")?;
+                if version != WIRE_VERSION {
+                    return Err(de::Error::custom(format!(
+                        "unsupported event version {version} (this build reads version {WIRE_VERSION})"
+                    )));
+                }
+                let origin = NodeId::from_bytes(fixed(next(&mut a, "origin")?, "origin")?);
+                let seq = next(&mut a, "seq")?;
+                let clock = next(&mut a, "clock")?;
+                let hlc = Hlc(next(&mut a, "hlc")?);
+                let key = next(&mut a, "key")?;
+                let op_code: u8 = next(&mut a, "op")?;
+                let op = Op::from_code(op_code)
+                    .ok_or_else(|| de::Error::custom(format!("unknown op code {op_code}")))?;
+                let kind = next(&mut a, "kind")?;
+                let payload: ByteBuf = next(&mut a, "payload")?;
+                let meta = next(&mut a, "meta")?;
+                let prev: Option<ByteBuf> = next(&mut a, "prev")?;
+                let prev = match prev {
+                    Some(p) => Some(EventHash(fixed(p, "prev")?)),
+                    None => None,
+                };
+                let sig = fixed(next(&mut a, "sig")?, "sig")?;
+                if a.next_element::<de::IgnoredAny>()?.is_some() {
+                    return Err(de::Error::custom("event has extra fields"));
+                }
+                Ok(Event {
+                    origin,
+                    seq,
+                    clock,
+                    hlc,
+                    key,
+                    op,
+                    kind,
+                    payload: payload.into_vec(),
+                    meta,
+                    prev,
+                    sig,
+                })
+            }
+        }
+        d.deserialize_tuple(12, V)
+    }
+}
+
+const BATCH_VERSION: u64 = 1;
+
+/// Encodes a batch of events as `[1, [event, ...]]` (the gossip message body).
+pub fn encode_event_batch(events: &[Event]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(events.iter().map(|e| 256 + e.payload.len()).sum());
+    ciborium::into_writer(&(BATCH_VERSION, events), &mut out)
+        .unwrap_or_else(|e| unreachable!("CBOR encoding into a Vec failed: {e}"));
+    out
+}
+
+/// Decodes a batch made by [`encode_event_batch`] and validates each event's structure.
+/// Signatures are not checked here.
+pub fn decode_event_batch(bytes: &[u8]) -> Result<Vec<Event>, EventError> {
+    let (version, events): (u64, Vec<Event>) =
+        ciborium::from_reader(bytes).map_err(|e| EventError::Decode(e.to_string()))?;
+    if version != BATCH_VERSION {
+        return Err(EventError::UnsupportedVersion {
+            found: version,
+            supported: BATCH_VERSION,
+        });
+    }
+    for e in &events {
+        e.validate()?;
+    }
+    Ok(events)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(i: u8) -> SigningKey {
+        SigningKey::from_bytes(&[i; 32])
+    }
+
+    fn space() -> SpaceName {
+        SpaceName::new("todo").unwrap()
+    }
+
+    fn sample(k: &SigningKey) -> Event {
+        let origin = NodeId::of(k);
+        let mut clock = VectorClock::new();
+        clock.set(origin, 2);
+        clock.set(NodeId::from_bytes([9; 32]), 5);
+        UnsignedEvent {
+            origin,
+            seq: 2,
+            clock,
+            hlc: Hlc::new(1_700_000_000_000, 3),
+            key: "todos/42".into(),
+            op: Op::Put,
+            kind: "TodoRenamed".into(),
+            payload: vec![0x63, b'a', b'b', b'c'],
+            meta: [("user".to_string(), "ann".to_string())].into(),
+            prev: Some(EventHash([7; 32])),
+        }
+        .sign(&space(), k)
+    }
+
+    #[test]
+    fn encode_decode_round_trip_keeps_every_field_and_signature() {
+        let e = sample(&key(1));
+        let bytes = e.encode();
+        let back = Event::decode(&bytes).unwrap();
+        assert_eq!(back, e);
+        assert_eq!(back.encode(), bytes, "encoding is canonical");
+        back.verify(&space()).unwrap();
+    }
+
+    #[test]
+    fn byte_fields_are_cbor_byte_strings() {
+        let e = sample(&key(1));
+        let bytes = e.encode();
+        // 32-byte origin as a byte string: major type 2, length 32 (0x58 0x20).
+        let needle = [[0x58, 0x20].as_slice(), e.origin.as_bytes()].concat();
+        assert!(bytes.windows(needle.len()).any(|w| w == needle.as_slice()));
+        assert!(bytes.len() < 300, "event is {} bytes", bytes.len());
+    }
+
+    #[test]
+    fn every_tampered_byte_fails_decode_or_verify() {
+        let e = sample(&key(1));
+        let bytes = e.encode();
+        for i in 0..bytes.len() {
+            let mut t = bytes.clone();
+            t[i] ^= 0x01;
+            let ok = Event::decode(&t).map(|d| d.verify(&space()).is_ok());
+            assert!(!matches!(ok, Ok(true)), "flipping byte {i} went unnoticed");
+        }
+    }
+
+    #[test]
+    fn signature_binds_the_space() {
+        let e = sample(&key(1));
+        assert!(matches!(
+            e.verify(&SpaceName::new("other").unwrap()),
+            Err(EventError::BadSignature(_))
+        ));
+    }
+
+    #[test]
+    fn signature_by_another_key_fails() {
+        let mut e = sample(&key(1));
+        let forged = sample(&key(2));
+        e.sig = forged.sig;
+        assert!(e.verify(&space()).is_err());
+    }
+
+    #[test]
+    fn unknown_version_is_rejected_clearly() {
+        let e = sample(&key(1));
+        let mut bytes = e.encode();
+        assert_eq!(bytes[1], 0x01, "version is the first element");
+        bytes[1] = 0x02;
+        let err = Event::decode(&bytes).unwrap_err().to_string();
+        assert!(err.contains("unsupported event version 2"), "{err}");
+        let batch = encode_event_batch(&[e]);
+        let mut b = batch.clone();
+        b[1] = 0x07;
+        assert_eq!(
+            decode_event_batch(&b).unwrap_err(),
+            EventError::UnsupportedVersion {
+                found: 7,
+                supported: 1
+            }
+        );
+        assert_eq!(decode_event_batch(&batch).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn structural_rules_are_enforced() {
+        let k = key(1);
+        let base = sample(&k);
+        let mut e = base.clone();
+        e.clock.set(e.origin, 3);
+        assert!(e.validate().is_err(), "clock must hold the origin's seq");
+        let mut e = base.clone();
+        e.prev = None;
+        assert!(e.validate().is_err(), "seq 2 needs prev");
+        let mut e = base.clone();
+        e.payload = vec![0; MAX_PAYLOAD_BYTES + 1];
+        assert!(matches!(e.validate(), Err(EventError::Limit(_))));
+        let mut e = base.clone();
+        e.key = String::new();
+        assert!(e.validate().is_err());
+        let mut e = base;
+        e.op = Op::Delete;
+        assert!(e.validate().is_err(), "delete with payload");
+        assert!(Event::decode(b"\xff\x00garbage").is_err());
+        assert!(Event::decode(&[]).is_err());
+    }
+
+    #[test]
+    fn readiness_follows_the_clock() {
+        let k = key(1);
+        let e = sample(&k); // seq 2 by origin, depends on [9;32] -> 5
+        let other = NodeId::from_bytes([9; 32]);
+        let mut vv = VersionVector::new();
+        assert_eq!(e.readiness(&vv), Readiness::Waiting);
+        vv.set(e.origin, 1);
+        assert_eq!(e.readiness(&vv), Readiness::Waiting);
+        vv.set(other, 5);
+        assert_eq!(e.readiness(&vv), Readiness::Ready);
+        vv.set(e.origin, 2);
+        assert_eq!(e.readiness(&vv), Readiness::Duplicate);
+    }
+}

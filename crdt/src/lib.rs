@@ -1,0 +1,35 @@
+//! weft-crdt: the pure logic of weft replication.
+//!
+//! Identifiers ([`NodeId`], [`EventId`], [`SpaceName`]), clocks ([`VectorClock`],
+//! [`VersionVector`], [`Hlc`]), the signed, hash-chained [`Event`] with its canonical
+//! CBOR encoding, the causal-delivery and frontier rules, and the conflict
+//! [`Resolver`]s.
+//!
+//! Architecture invariant: this crate does no I/O. It reads no clock (callers pass the
+//! wall time in), touches no disk and no socket, and has no tokio dependency, so every
+//! rule here can be tested and simulated deterministically.
+
+mod clock;
+mod error;
+mod event;
+mod frontier;
+mod hlc;
+mod id;
+pub mod limits;
+mod resolver;
+
+pub use clock::{Causality, VectorClock, VersionVector};
+pub use error::{EventError, ParseError};
+pub use event::{
+    check_write_fields, decode_event_batch, encode_event_batch, Event, EventHash, Op, Readiness,
+    UnsignedEvent,
+};
+pub use frontier::Frontier;
+pub use hlc::{Hlc, HlcClock};
+pub use id::{EventId, NodeId, SpaceName};
+pub use resolver::{
+    LastWriterWins, MultiValue, Resolution, Resolver, ResolverKind, UnknownResolver,
+};
+
+/// The ed25519 signing key of a node. Its verifying key is the [`NodeId`].
+pub use ed25519_dalek::SigningKey;
