@@ -60,7 +60,7 @@ impl HlcClock {
         self.last = if next > self.last {
             next
         } else {
-            Hlc(self.last.0 + 1)
+            Hlc(self.last.0.saturating_add(1))
         };
         self.last
     }

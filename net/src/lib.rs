@@ -1,1 +1,99 @@
+//! weft-net: weft's libp2p networking.
+//!
+//! [`start`] builds a swarm (TCP + noise + yamux; gossipsub, the `/weft/sync/1` pull
+//! protocol, mDNS, identify, ping), spawns the task that owns it, and returns a cloneable
+//! [`NetClient`] to drive it and a bounded stream of [`NetEvent`]s for the node.
+//!
+//! Gossip carries batches of events on the topic `weft/<space>/events/1`; messages that
+//! do not decode are rejected here, the rest are handed to the node, which checks
+//! signatures and reports a [`Verdict`]. Pull sync ([`PullRequest`] / [`PullResponse`],
+//! see [`wire`]) lets a node fetch whatever gossip missed.
+//!
+//! Architecture invariant: this crate knows no storage. It moves decoded, size-checked
+//! messages between the network and the node; what to send and what to keep is the
+//! node's decision.
 
+#![warn(missing_docs)]
+
+mod behaviour;
+mod client;
+pub mod codec;
+mod config;
+mod error;
+mod event;
+mod event_loop;
+pub mod wire;
+
+pub use behaviour::{
+    space_topic, HEARTBEAT, IDENTIFY_PROTOCOL, MESH_N, MESH_N_HIGH, MESH_N_LOW, MESH_OUTBOUND_MIN,
+};
+pub use client::{NetClient, Verdict};
+pub use config::{
+    NetConfig, DEFAULT_COMMAND_BUFFER, DEFAULT_EVENT_BUFFER, DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_GOSSIP_BYTES, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_RESPONSE_BYTES,
+    DEFAULT_REQUEST_TIMEOUT, GOSSIP_ENVELOPE_RESERVE,
+};
+pub use error::NetError;
+pub use event::NetEvent;
+pub use libp2p::{gossipsub::MessageId, Multiaddr, PeerId};
+pub use wire::{PullRequest, PullResponse};
+
+use libp2p::{noise, tcp, yamux, SwarmBuilder};
+use tokio::sync::mpsc;
+
+/// Starts the network: builds the swarm, binds the listen addresses, dials the bootstrap
+/// addresses and spawns the event loop on the current tokio runtime.
+///
+/// The loop runs until every [`NetClient`] clone is dropped. The node must keep reading
+/// the returned receiver: while it is full the loop stops reading from the network.
+pub fn start(config: NetConfig) -> Result<(NetClient, mpsc::Receiver<NetEvent>), NetError> {
+    config.validate()?;
+    if tokio::runtime::Handle::try_current().is_err() {
+        return Err(NetError::Setup(
+            "weft_net::start must be called inside a tokio runtime".into(),
+        ));
+    }
+    let keypair = libp2p::identity::Keypair::ed25519_from_bytes(config.signing_key.to_bytes())
+        .map_err(|e| NetError::Identity(e.to_string()))?;
+    let behaviour = behaviour::build(&keypair, &config)?;
+    let Ok(builder) = SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .map_err(|e| NetError::Setup(format!("TCP transport: {e}")))?
+        .with_dns()
+        .map_err(|e| NetError::Setup(format!("DNS resolver: {e}")))?
+        .with_behaviour(|_| behaviour);
+    let idle_timeout = config.idle_timeout;
+    let mut swarm = builder
+        .with_swarm_config(|c| c.with_idle_connection_timeout(idle_timeout))
+        .build();
+
+    for addr in &config.listen {
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|e| NetError::Listen {
+                addr: addr.clone(),
+                reason: e.to_string(),
+            })?;
+    }
+    for addr in &config.bootstrap {
+        swarm.dial(addr.clone()).map_err(|e| NetError::Dial {
+            addr: addr.clone(),
+            reason: e.to_string(),
+        })?;
+    }
+
+    let local_peer_id = *swarm.local_peer_id();
+    let (command_tx, command_rx) = mpsc::channel(config.command_buffer);
+    let (event_tx, event_rx) = mpsc::channel(config.event_buffer);
+    let event_loop = event_loop::EventLoop::new(swarm, command_rx, event_tx, &config);
+    tokio::spawn(event_loop.run());
+    Ok((
+        NetClient::new(command_tx, local_peer_id, config.max_batch_bytes()),
+        event_rx,
+    ))
+}

@@ -1,1 +1,436 @@
-fn main(){}
+//! The `weft` command: `weft run` starts a node; the other commands are clients of a
+//! running node's HTTP API. Every failure is one line on stderr and a non-zero exit.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+use weft_node::{Multiaddr, NodeBuilder, ResolverKind, SpaceName};
+
+#[derive(Parser)]
+#[command(name = "weft", version, about = "A peer-to-peer replication node")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct Client {
+    /// The space to use.
+    #[arg(long, default_value = "default", value_parser = parse_space)]
+    space: SpaceName,
+    /// The running node's HTTP API (`host:port` or `http://host:port`).
+    #[arg(long, env = "WEFT_API", default_value = "127.0.0.1:7700")]
+    api: String,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs a node in the foreground until Ctrl-C or SIGTERM.
+    Run {
+        /// Data directory (log, identity key).
+        #[arg(long, default_value = "./weft-data")]
+        data: PathBuf,
+        /// A space to host (repeatable).
+        #[arg(long = "space", value_parser = parse_space)]
+        spaces: Vec<SpaceName>,
+        /// A multiaddr to listen on (repeatable).
+        #[arg(long = "listen", default_value = "/ip4/0.0.0.0/tcp/0")]
+        listen: Vec<Multiaddr>,
+        /// A peer's multiaddr to dial at start (repeatable).
+        #[arg(long = "bootstrap")]
+        bootstrap: Vec<Multiaddr>,
+        /// Turns off LAN discovery by mDNS.
+        #[arg(long)]
+        no_mdns: bool,
+        /// Address of the HTTP API.
+        #[arg(long, default_value = "127.0.0.1:7700")]
+        api: SocketAddr,
+        /// Conflict resolver: lww (last writer wins) or multi (keep concurrent values).
+        #[arg(long, default_value = "lww")]
+        resolver: ResolverKind,
+    },
+    /// Appends a put; prints the event id. VALUE is JSON if it parses as JSON, else a string.
+    Put {
+        key: String,
+        value: String,
+        #[command(flatten)]
+        client: Client,
+    },
+    /// Appends a delete; prints the event id.
+    Del {
+        key: String,
+        #[command(flatten)]
+        client: Client,
+    },
+    /// Prints the value (every sibling on its own line for a conflict); exit 1 if none.
+    Get {
+        key: String,
+        #[command(flatten)]
+        client: Client,
+    },
+    /// Prints events in local order, one per line.
+    Log {
+        /// Print events after this local position.
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+        /// Keep printing new events as they are applied.
+        #[arg(long)]
+        follow: bool,
+        #[command(flatten)]
+        client: Client,
+    },
+    /// Node id, peers, version vector and counts.
+    Status {
+        /// Print the /status JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: Client,
+    },
+}
+
+fn parse_space(s: &str) -> Result<SpaceName, String> {
+    SpaceName::new(s).map_err(|e| e.to_string())
+}
+
+/// Exit code for "the key has no value", distinct from errors (2).
+const EXIT_NO_VALUE: u8 = 1;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            // Help and version are not errors; usage errors keep clap's message.
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The whole error chain on one line.
+fn one_line(e: &anyhow::Error) -> String {
+    e.chain()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
+        .replace('\n', " ")
+}
+
+async fn dispatch(cmd: Command) -> Result<ExitCode> {
+    match cmd {
+        Command::Run {
+            data,
+            spaces,
+            listen,
+            bootstrap,
+            no_mdns,
+            api,
+            resolver,
+        } => run(data, spaces, listen, bootstrap, !no_mdns, api, resolver).await,
+        Command::Put { key, value, client } => {
+            let value = serde_json::from_str(&value).unwrap_or(Value::String(value));
+            let out = write(&client, json!({"key": key, "op": "put", "value": value})).await?;
+            println!("{out}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Del { key, client } => {
+            let out = write(&client, json!({"key": key, "op": "delete"})).await?;
+            println!("{out}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Get { key, client } => get(&client, &key).await,
+        Command::Log {
+            since,
+            follow,
+            client,
+        } => log(&client, since, follow).await,
+        Command::Status { json, client } => status(&client, json).await,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    data: PathBuf,
+    spaces: Vec<SpaceName>,
+    listen: Vec<Multiaddr>,
+    bootstrap: Vec<Multiaddr>,
+    mdns: bool,
+    api: SocketAddr,
+    resolver: ResolverKind,
+) -> Result<ExitCode> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,weft_node=info,weft_net=info,weft_store=info".into()),
+        )
+        .init();
+    let mut b = NodeBuilder::new(&data)
+        .mdns(mdns)
+        .resolver(resolver)
+        .api(api);
+    for s in spaces {
+        b = b.space(s);
+    }
+    for l in listen {
+        b = b.listen(l);
+    }
+    for a in bootstrap {
+        b = b.bootstrap(a);
+    }
+    let node = b
+        .start()
+        .await
+        .with_context(|| format!("starting the node in {}", data.display()))?;
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "peer {}", node.peer_id())?;
+        for a in node.listen_addrs().await? {
+            writeln!(out, "listening {a}")?;
+        }
+        if let Some(a) = node.api_addr() {
+            writeln!(out, "api http://{a}")?;
+        }
+        out.flush()?;
+    }
+    wait_for_signal().await?;
+    tracing::info!("shutting down");
+    node.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn wait_for_signal() -> Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for Ctrl-C")?;
+    Ok(())
+}
+
+fn base_url(api: &str) -> String {
+    let api = api.trim_end_matches('/');
+    if api.starts_with("http://") || api.starts_with("https://") {
+        api.to_owned()
+    } else {
+        format!("http://{api}")
+    }
+}
+
+fn http() -> Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .context("building the HTTP client")
+}
+
+/// Percent-encodes a key for a URL path, keeping `/` so `todos/42` stays readable.
+fn encode_key(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    for b in key.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~/".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Sends a request and returns the status and JSON body, turning transport failures
+/// and error bodies into one clear line.
+async fn call(client: &Client, req: reqwest::RequestBuilder) -> Result<(u16, Value)> {
+    let base = base_url(&client.api);
+    let resp = req.send().await.map_err(|e| {
+        if e.is_connect() {
+            anyhow!("cannot reach a weft node at {base} (is `weft run` running? set --api)")
+        } else if e.is_timeout() {
+            anyhow!("the weft node at {base} did not answer in time")
+        } else {
+            anyhow!("request to {base} failed: {e}")
+        }
+    })?;
+    let status = resp.status().as_u16();
+    let body: Value = resp
+        .json()
+        .await
+        .map_err(|e| anyhow!("the node at {base} sent an unreadable answer: {e}"))?;
+    Ok((status, body))
+}
+
+fn error_of(body: &Value) -> String {
+    body.get("error")
+        .and_then(Value::as_str)
+        .unwrap_or("unknown error")
+        .to_owned()
+}
+
+async fn write(client: &Client, body: Value) -> Result<String> {
+    let url = format!("{}/spaces/{}/events", base_url(&client.api), client.space);
+    let (status, body) = call(client, http()?.post(url).json(&body)).await?;
+    if status != 201 {
+        bail!("{}", error_of(&body));
+    }
+    body.get("id")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow!("the node's answer has no event id"))
+}
+
+fn print_value(v: &Value) {
+    match v {
+        Value::String(s) => println!("{s}"),
+        other => println!("{other}"),
+    }
+}
+
+async fn get(client: &Client, key: &str) -> Result<ExitCode> {
+    let url = format!(
+        "{}/spaces/{}/keys/{}",
+        base_url(&client.api),
+        client.space,
+        encode_key(key)
+    );
+    let (status, body) = call(client, http()?.get(url)).await?;
+    match status {
+        200 => {
+            match body.get("siblings").and_then(Value::as_array) {
+                Some(sibs) if sibs.len() > 1 => sibs.iter().for_each(print_value),
+                _ => print_value(body.get("value").unwrap_or(&Value::Null)),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        404 if body
+            .get("error")
+            .and_then(Value::as_str)
+            .is_some_and(|e| e.contains("has no value")) =>
+        {
+            eprintln!("{key}: no value");
+            Ok(ExitCode::from(EXIT_NO_VALUE))
+        }
+        _ => bail!("{}", error_of(&body)),
+    }
+}
+
+fn log_line(e: &Value) -> String {
+    let s = |k: &str| e.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
+    let lsn = e.get("lsn").and_then(Value::as_u64).unwrap_or(0);
+    let mut line = format!("{lsn} {} {} {}", s("id"), s("op"), s("key"));
+    if s("op") == "put" {
+        line.push(' ');
+        line.push_str(&e.get("value").unwrap_or(&Value::Null).to_string());
+    }
+    let kind = s("kind");
+    if !kind.is_empty() {
+        line.push_str(&format!(" kind={kind}"));
+    }
+    line
+}
+
+async fn log(client: &Client, since: u64, follow: bool) -> Result<ExitCode> {
+    let http = http()?;
+    let mut cursor = since;
+    loop {
+        let url = format!(
+            "{}/spaces/{}/events?since={cursor}&limit=1000",
+            base_url(&client.api),
+            client.space
+        );
+        let (status, body) = call(client, http.get(url)).await?;
+        if status != 200 {
+            bail!("{}", error_of(&body));
+        }
+        let events = body
+            .get("events")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        {
+            let mut out = std::io::stdout().lock();
+            for e in &events {
+                writeln!(out, "{}", log_line(e))?;
+            }
+            out.flush()?;
+        }
+        cursor = body.get("next").and_then(Value::as_u64).unwrap_or(cursor);
+        if events.is_empty() {
+            if !follow {
+                return Ok(ExitCode::SUCCESS);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+async fn status(client: &Client, as_json: bool) -> Result<ExitCode> {
+    let url = format!("{}/status", base_url(&client.api));
+    let (status, body) = call(client, http()?.get(url)).await?;
+    if status != 200 {
+        bail!("{}", error_of(&body));
+    }
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&body)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let peers = body
+        .get("peers")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    println!(
+        "peer {}",
+        body.get("peer_id").and_then(Value::as_str).unwrap_or("?")
+    );
+    println!("connected peers: {}", peers.len());
+    for p in &peers {
+        println!("  {}", p.as_str().unwrap_or("?"));
+    }
+    let space = client.space.as_str();
+    match body.get("spaces").and_then(|s| s.get(space)) {
+        Some(s) => {
+            let n = |k: &str| s.get(k).and_then(Value::as_u64).unwrap_or(0);
+            println!(
+                "space {space}: {} events, {} pending",
+                n("events"),
+                n("pending")
+            );
+            println!("version vector:");
+            if let Some(vv) = s.get("version_vector").and_then(Value::as_object) {
+                for (origin, seq) in vv {
+                    println!("  {origin} {seq}");
+                }
+            }
+        }
+        None => println!("space {space}: not hosted by this node"),
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,1 +1,515 @@
+//! weft-store: each node's durable event log, on LMDB (heed).
+//!
+//! A [`Store`] holds every space of one node in one LMDB environment: the applied
+//! events in local (lsn) order, which is causal order; per space the version vector;
+//! per key the frontier; and the pending set of remote events that arrived before their
+//! causes. Local writes ([`Store::append`]) and remote events ([`Store::ingest`]) go to
+//! a single writer thread that group-commits them (see `writer.rs`); reads run on
+//! blocking threads with their own read transactions.
+//!
+//! Architecture invariant: this crate knows no network. It trusts nothing it is given
+//! by `ingest` — every event is validated, signature-checked and hash-chain-checked here
+//! — and it answers a write only once it is durable.
+//!
+//! Durability: every commit uses LMDB's default synchronous mode, so an answered
+//! `append` or `ingest` survives `kill -9` and power loss. A data directory must be
+//! opened by one process at a time: LMDB would let a second process in, and two writer
+//! threads with separate caches would hand out the same lsn twice.
 
+mod error;
+mod tables;
+mod verify;
+mod writer;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use heed::{Env, EnvOpenOptions, RoTxn, WithoutTls};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use weft_crdt::{Event, Hlc, NodeId, Op, SigningKey, SpaceName, VersionVector};
+
+pub use crate::error::StoreError;
+use crate::tables::{
+    Tables, FORMAT_VERSION, MAX_DBS, MAX_TABLE_KEY, META_FORMAT, META_HLC, META_NODE_ID,
+};
+use crate::writer::{Command, Writer};
+
+/// How many applied events a slow subscriber may fall behind before it sees
+/// `RecvError::Lagged` and must catch up with [`Store::events_since`].
+pub const SUBSCRIBE_CAPACITY: usize = 4096;
+
+/// LMDB reader slots; see `Store::open`.
+const MAX_READERS: u32 = 1024;
+
+/// Tunables of a [`Store`].
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    /// Largest size the LMDB file may grow to. The map is sparse, so a large value
+    /// costs address space, not disk. Rounded up to a multiple of 64 KiB (LMDB needs a
+    /// multiple of the page size).
+    pub map_size: usize,
+    /// Commands that may wait for the writer thread; further callers wait in `.await`
+    /// (back-pressure instead of unbounded memory).
+    pub writer_queue: usize,
+    /// Most commands group-committed in one write transaction. Bounds the latency one
+    /// batch adds to the first caller in it.
+    pub max_batch: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            map_size: 16 << 30,
+            writer_queue: 1024,
+            max_batch: 1024,
+        }
+    }
+}
+
+/// A local write, before `append` gives it a seq, clock, hlc, prev and signature.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Write {
+    /// The record, e.g. `todos/42`.
+    pub key: String,
+    /// Put or delete.
+    pub op: Op,
+    /// The application's event type, e.g. `TodoRenamed`; may be empty.
+    pub kind: String,
+    /// The CBOR-encoded value; empty for a delete.
+    pub payload: Vec<u8>,
+    /// Audit data.
+    pub meta: BTreeMap<String, String>,
+}
+
+impl Write {
+    /// A put of `payload` with no kind and no meta.
+    pub fn put(key: impl Into<String>, payload: Vec<u8>) -> Self {
+        Write {
+            key: key.into(),
+            op: Op::Put,
+            kind: String::new(),
+            payload,
+            meta: BTreeMap::new(),
+        }
+    }
+
+    /// A delete with no kind and no meta.
+    pub fn delete(key: impl Into<String>) -> Self {
+        Write {
+            key: key.into(),
+            op: Op::Delete,
+            kind: String::new(),
+            payload: Vec::new(),
+            meta: BTreeMap::new(),
+        }
+    }
+}
+
+/// An event as applied on this node: where it sits in the space's local order.
+#[derive(Clone, Debug)]
+pub struct Applied {
+    /// The space it belongs to.
+    pub space: SpaceName,
+    /// Its local position, from 1, contiguous per space and never reused.
+    pub lsn: u64,
+    /// The event.
+    pub event: Event,
+}
+
+/// What [`Store::ingest`] did with a batch.
+#[derive(Debug, Default)]
+pub struct IngestOutcome {
+    /// Events applied, in apply (lsn) order, including parked events the batch
+    /// released.
+    pub applied: Vec<Applied>,
+    /// Events already applied or already parked.
+    pub duplicates: usize,
+    /// Events of this batch left in the pending set, waiting for causes not yet here.
+    pub parked: usize,
+}
+
+/// One page of a pull: events in causal (lsn) order.
+#[derive(Debug)]
+pub struct Page {
+    /// The events the puller lacks, oldest first.
+    pub events: Vec<Event>,
+    /// True when the scan reached the end of the log: pulling again with the updated
+    /// version vector would return nothing new.
+    pub done: bool,
+}
+
+/// Counts for status displays.
+#[derive(Debug, Clone, Default)]
+pub struct SpaceStats {
+    /// Applied events.
+    pub events: u64,
+    /// Highest lsn (equal to `events`, as lsns are contiguous).
+    pub last_lsn: u64,
+    /// Remote events parked until their causes arrive.
+    pub pending: u64,
+    /// Highest contiguous seq applied per origin.
+    pub version_vector: VersionVector,
+}
+
+/// Handle to a node's durable log. Cheap to clone; all clones share one writer thread,
+/// which stops when the last clone is dropped.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    env: Env<WithoutTls>,
+    tables: Tables,
+    node_id: NodeId,
+    /// `Option` so that drop can close the channel before joining the writer.
+    commands: Option<mpsc::Sender<Command>>,
+    applied_tx: broadcast::Sender<Arc<Applied>>,
+    writer: Option<JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Closing the channel ends the writer's loop; joining makes sure the
+        // environment is closed once the last handle is gone, so the directory can be
+        // opened again at once. The writer finishes at most one batch first.
+        self.commands.take();
+        if let Some(handle) = self.writer.take() {
+            if handle.join().is_err() {
+                tracing::error!("store writer thread panicked");
+            }
+        }
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `dir` and starts its writer thread.
+    ///
+    /// The directory is bound to the node of `signing_key` on first open; opening it
+    /// with another key fails with [`StoreError::IdentityMismatch`], because that node
+    /// would restart its sequence at 1 in a log that already has another node's chain.
+    pub fn open(
+        dir: &Path,
+        signing_key: SigningKey,
+        config: StoreConfig,
+    ) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir)?;
+        const MAP_ALIGN: usize = 64 << 10;
+        let map_size = config
+            .map_size
+            .max(MAP_ALIGN)
+            .checked_next_multiple_of(MAP_ALIGN)
+            .ok_or_else(|| StoreError::Io(std::io::Error::other("map_size too large")))?;
+        let mut options = EnvOpenOptions::new().read_txn_without_tls();
+        // Reads run on tokio's blocking pool (up to 512 threads by default), each with
+        // its own read transaction: LMDB's default of 126 reader slots could run out.
+        options
+            .map_size(map_size)
+            .max_dbs(MAX_DBS)
+            .max_readers(MAX_READERS);
+        // SAFETY: LMDB's memory map is only unsound if the file is modified behind its
+        // back; the store is the only user of its directory (see the crate docs).
+        let env = match unsafe { options.open(dir) } {
+            Ok(env) => env,
+            Err(heed::Error::EnvAlreadyOpened) => {
+                return Err(StoreError::AlreadyOpen(dir.to_path_buf()))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if env.max_key_size() < MAX_TABLE_KEY {
+            return Err(StoreError::Corrupt(format!(
+                "LMDB was built with a {}-byte key limit; weft needs {MAX_TABLE_KEY} (heed feature `longer-keys`)",
+                env.max_key_size()
+            )));
+        }
+        let tables = Tables::create(&env)?;
+        let node_id = NodeId::of(&signing_key);
+        let hlc_last = init_meta(&env, &tables, node_id)?;
+
+        let (applied_tx, _) = broadcast::channel(SUBSCRIBE_CAPACITY);
+        let writer = Writer::new(
+            env.clone(),
+            tables,
+            signing_key,
+            hlc_last,
+            config.max_batch,
+            applied_tx.clone(),
+        )?;
+        let (tx, rx) = mpsc::channel(config.writer_queue.max(1));
+        let handle = std::thread::Builder::new()
+            .name("weft-store-writer".into())
+            .spawn(move || writer.run(rx))?;
+        Ok(Store {
+            inner: Arc::new(Inner {
+                env,
+                tables,
+                node_id,
+                commands: Some(tx),
+                applied_tx,
+                writer: Some(handle),
+            }),
+        })
+    }
+
+    /// The node this store writes as.
+    pub fn node_id(&self) -> NodeId {
+        self.inner.node_id
+    }
+
+    /// Appends a local write to `space` and returns once it is durable.
+    ///
+    /// The event gets the next seq of this node in the space, the space's version
+    /// vector as its clock (everything this node has applied happened before it), a
+    /// fresh HLC reading and the hash of this node's previous event as `prev`. Invalid
+    /// fields fail with [`StoreError::Invalid`] before anything is stored or any seq is
+    /// used.
+    pub async fn append(&self, space: &SpaceName, write: Write) -> Result<Applied, StoreError> {
+        weft_crdt::check_write_fields(
+            &write.key,
+            write.op,
+            &write.kind,
+            &write.payload,
+            &write.meta,
+        )
+        .map_err(StoreError::Invalid)?;
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Append {
+            space: space.clone(),
+            write,
+            reply,
+        })
+        .await?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Takes in events from a peer, all or nothing.
+    ///
+    /// Every event is validated and signature-checked on a blocking thread first; then
+    /// the writer drops duplicates, applies the causally ready ones (checking that each
+    /// links to its origin's previous event), parks the rest in the persisted pending
+    /// set and releases parked events that became ready. If any event of the batch is
+    /// bad, nothing is stored and [`StoreError::Rejected`] names the first bad one.
+    pub async fn ingest(
+        &self,
+        space: &SpaceName,
+        events: Vec<Event>,
+    ) -> Result<IngestOutcome, StoreError> {
+        if events.is_empty() {
+            return Ok(IngestOutcome::default());
+        }
+        let checked_space = space.clone();
+        let events = tokio::task::spawn_blocking(move || {
+            verify::verify_batch(&checked_space, &events).map(|()| events)
+        })
+        .await??;
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Ingest {
+            space: space.clone(),
+            events,
+            reply,
+        })
+        .await?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// The frontier of `key`: one event when the value is decided, several when
+    /// concurrent writes await the resolver, none when never written. Sorted by id.
+    pub async fn get(&self, space: &SpaceName, key: &str) -> Result<Vec<Event>, StoreError> {
+        let key = key.to_owned();
+        self.read(space, Vec::new(), move |t, txn, sid| {
+            t.frontier(txn, sid, &key)?
+                .ids()
+                .iter()
+                .map(|id| t.event_by_id(txn, sid, id))
+                .collect()
+        })
+        .await
+    }
+
+    /// Applied events with lsn greater than `after`, ascending, at most `limit`.
+    pub async fn events_since(
+        &self,
+        space: &SpaceName,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Applied>, StoreError> {
+        let name = space.clone();
+        self.read(space, Vec::new(), move |t, txn, sid| {
+            let mut out = Vec::new();
+            let Some(from) = after.checked_add(1) else {
+                return Ok(out);
+            };
+            for entry in t.events_from(txn, sid, from)?.take(limit) {
+                let (lsn, bytes) = entry?;
+                out.push(Applied {
+                    space: name.clone(),
+                    lsn,
+                    event: tables::decode_event(bytes, format_args!("event at lsn {lsn}"))?,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// For each origin, the highest seq such that all its events up to it are applied.
+    pub async fn version_vector(&self, space: &SpaceName) -> Result<VersionVector, StoreError> {
+        self.read(space, VersionVector::new(), |t, txn, sid| {
+            t.version_vector(txn, sid)
+        })
+        .await
+    }
+
+    /// What a puller whose version vector is `have` lacks, in causal (lsn) order: at
+    /// most `max_events` events and about `max_bytes` encoded bytes, but always at
+    /// least one event if any is missing.
+    ///
+    /// The scan starts at the lowest lsn among each origin's first missing event and
+    /// skips what the puller has. Because lsn order is causal order, applying the page
+    /// in order never leaves the puller waiting on a cause the page lacks. Parked
+    /// events are never served: they are not applied here.
+    pub async fn pull_page(
+        &self,
+        space: &SpaceName,
+        have: VersionVector,
+        max_events: usize,
+        max_bytes: usize,
+    ) -> Result<Page, StoreError> {
+        let empty = Page {
+            events: Vec::new(),
+            done: true,
+        };
+        let max_events = max_events.max(1);
+        self.read(space, empty, move |t, txn, sid| {
+            let mine = t.version_vector(txn, sid)?;
+            let mut start: Option<u64> = None;
+            for (origin, first, _) in mine.missing_from(&have) {
+                let entry = t.id_entry(txn, sid, &origin, first)?.ok_or_else(|| {
+                    StoreError::Corrupt(format!(
+                        "applied event {origin}:{first} missing from by_id"
+                    ))
+                })?;
+                start = Some(start.map_or(entry.lsn, |s| s.min(entry.lsn)));
+            }
+            let Some(start) = start else {
+                return Ok(Page {
+                    events: Vec::new(),
+                    done: true,
+                });
+            };
+            let mut events = Vec::new();
+            let mut bytes_total = 0usize;
+            for entry in t.events_from(txn, sid, start)? {
+                let (lsn, bytes) = entry?;
+                let event = tables::decode_event(bytes, format_args!("event at lsn {lsn}"))?;
+                if event.seq <= have.get(&event.origin) {
+                    continue;
+                }
+                let full = events.len() >= max_events || bytes_total + bytes.len() > max_bytes;
+                if full && !events.is_empty() {
+                    return Ok(Page {
+                        events,
+                        done: false,
+                    });
+                }
+                bytes_total += bytes.len();
+                events.push(event);
+            }
+            Ok(Page { events, done: true })
+        })
+        .await
+    }
+
+    /// Counts and version vector of a space (all zero for a space never written).
+    pub async fn stats(&self, space: &SpaceName) -> Result<SpaceStats, StoreError> {
+        self.read(space, SpaceStats::default(), |t, txn, sid| {
+            let last_lsn = t.last_lsn(txn, sid)?;
+            Ok(SpaceStats {
+                events: last_lsn,
+                last_lsn,
+                pending: t.pending_count(txn, sid)?,
+                version_vector: t.version_vector(txn, sid)?,
+            })
+        })
+        .await
+    }
+
+    /// Every event applied from now on, local or remote, in every space, each sent
+    /// after its commit is durable. A receiver more than [`SUBSCRIBE_CAPACITY`] events
+    /// behind gets `Lagged` and should catch up with [`Store::events_since`].
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Applied>> {
+        self.inner.applied_tx.subscribe()
+    }
+
+    async fn send(&self, cmd: Command) -> Result<(), StoreError> {
+        let tx = self.inner.commands.as_ref().ok_or(StoreError::Closed)?;
+        tx.send(cmd).await.map_err(|_| StoreError::Closed)
+    }
+
+    /// Runs `f` on a blocking thread in a fresh read transaction, or returns `absent`
+    /// for a space never written. The transaction ends before the result is returned,
+    /// so it is never held across an `.await`.
+    async fn read<T, F>(&self, space: &SpaceName, absent: T, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Tables, &RoTxn, tables::SpaceId) -> Result<T, StoreError> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        let name = space.clone();
+        tokio::task::spawn_blocking(move || {
+            let txn = inner.env.read_txn()?;
+            match inner.tables.space_id(&txn, name.as_str())? {
+                Some(sid) => f(&inner.tables, &txn, sid),
+                None => Ok(absent),
+            }
+        })
+        .await?
+    }
+}
+
+/// Checks the layout version and the directory's owner, recording both on first open,
+/// and returns the last persisted HLC reading.
+fn init_meta(env: &Env<WithoutTls>, tables: &Tables, node_id: NodeId) -> Result<Hlc, StoreError> {
+    let mut txn = env.write_txn()?;
+    match tables.meta.get(&txn, META_FORMAT)? {
+        Some(b) => {
+            let found = tables::be_u32(b, "format version")?;
+            if found != FORMAT_VERSION {
+                return Err(StoreError::Corrupt(format!(
+                    "data directory has layout version {found}; this build reads version {FORMAT_VERSION}"
+                )));
+            }
+        }
+        None => tables
+            .meta
+            .put(&mut txn, META_FORMAT, &FORMAT_VERSION.to_be_bytes())?,
+    }
+    match tables.meta.get(&txn, META_NODE_ID)? {
+        Some(b) => {
+            let stored: [u8; 32] = b
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("stored node id is not 32 bytes".into()))?;
+            let stored = NodeId::from_bytes(stored);
+            if stored != node_id {
+                return Err(StoreError::IdentityMismatch {
+                    stored,
+                    given: node_id,
+                });
+            }
+        }
+        None => tables
+            .meta
+            .put(&mut txn, META_NODE_ID, node_id.as_bytes())?,
+    }
+    let hlc = match tables.meta.get(&txn, META_HLC)? {
+        Some(b) => Hlc(tables::be_u64(b, "hlc")?),
+        None => Hlc::default(),
+    };
+    txn.commit()?;
+    Ok(hlc)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,142 @@
+//! The composed libp2p behaviour of a weft node and the parameters of each part.
+
+use std::time::Duration;
+
+use libp2p::identity::Keypair;
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::{gossipsub, identify, mdns, ping, request_response};
+use weft_crdt::SpaceName;
+
+use crate::codec::{SyncCodec, SYNC_PROTOCOL};
+use crate::config::NetConfig;
+use crate::error::NetError;
+
+/// The identify protocol version weft peers announce.
+pub const IDENTIFY_PROTOCOL: &str = "/weft/id/1.0.0";
+
+/// Mesh degree gossipsub aims for. 4 (libp2p default 6): weft meshes are LANs of a few
+/// nodes, and pull sync repairs whatever gossip misses, so a smaller mesh costs nothing
+/// in delivery and saves duplicate traffic. In a 2- or 3-node mesh every peer is in it.
+pub const MESH_N: usize = 4;
+/// Below this many mesh peers a heartbeat grafts more. 1 (default 5): a two-node mesh
+/// (one peer) counts as healthy, instead of staying "mesh low" forever; any mesh peer at
+/// all is enough because pull sync covers gaps.
+pub const MESH_N_LOW: usize = 1;
+/// Above this many mesh peers a heartbeat prunes. 8: twice [`MESH_N`], the usual ratio.
+pub const MESH_N_HIGH: usize = 8;
+/// Outbound peers each mesh keeps, against eclipse by inbound connections. 1 (default 2):
+/// must be at most [`MESH_N_LOW`] and at most half of [`MESH_N`].
+pub const MESH_OUTBOUND_MIN: usize = 1;
+/// gossipsub heartbeat. 500 ms (default 1 s): meshes form and repair quickly in small
+/// networks; the heartbeat's cost is negligible at a few peers.
+pub const HEARTBEAT: Duration = Duration::from_millis(500);
+
+// gossipsub's builder checks these only for per-topic overrides; check them here.
+const _: () = assert!(
+    MESH_OUTBOUND_MIN <= MESH_N_LOW
+        && MESH_N_LOW <= MESH_N
+        && MESH_N <= MESH_N_HIGH
+        && 2 * MESH_OUTBOUND_MIN <= MESH_N
+);
+
+/// gossipsub, `/weft/sync/1`, mDNS (optional), identify and ping.
+#[derive(NetworkBehaviour)]
+pub(crate) struct WeftBehaviour {
+    pub(crate) gossipsub: gossipsub::Behaviour,
+    pub(crate) sync: request_response::Behaviour<SyncCodec>,
+    pub(crate) mdns: Toggle<mdns::tokio::Behaviour>,
+    pub(crate) identify: identify::Behaviour,
+    pub(crate) ping: ping::Behaviour,
+}
+
+/// The gossip topic of a space.
+pub fn space_topic(space: &SpaceName) -> gossipsub::IdentTopic {
+    gossipsub::IdentTopic::new(format!("weft/{space}/events/1"))
+}
+
+/// A message's id: blake3 of its topic and data. Content-addressed, so the same batch
+/// published twice (or by two nodes) is one message and a re-publish is a free no-op.
+fn message_id(message: &gossipsub::Message) -> gossipsub::MessageId {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(message.topic.as_str().as_bytes());
+    hasher.update(&[0]);
+    hasher.update(&message.data);
+    gossipsub::MessageId::from(hasher.finalize().as_bytes().to_vec())
+}
+
+fn gossipsub_config(config: &NetConfig) -> Result<gossipsub::Config, NetError> {
+    gossipsub::ConfigBuilder::default()
+        .validation_mode(gossipsub::ValidationMode::Strict)
+        .validate_messages()
+        .message_id_fn(message_id)
+        .mesh_n(MESH_N)
+        .mesh_n_low(MESH_N_LOW)
+        .mesh_n_high(MESH_N_HIGH)
+        .mesh_outbound_min(MESH_OUTBOUND_MIN)
+        .heartbeat_interval(HEARTBEAT)
+        .heartbeat_initial_delay(HEARTBEAT)
+        .max_transmit_size(config.max_gossip_bytes)
+        .build()
+        .map_err(|e| NetError::Setup(format!("gossipsub configuration: {e}")))
+}
+
+pub(crate) fn build(keypair: &Keypair, config: &NetConfig) -> Result<WeftBehaviour, NetError> {
+    let mut gossipsub = gossipsub::Behaviour::new(
+        gossipsub::MessageAuthenticity::Signed(keypair.clone()),
+        gossipsub_config(config)?,
+    )
+    .map_err(|e| NetError::Setup(format!("gossipsub: {e}")))?;
+    for space in &config.spaces {
+        gossipsub
+            .subscribe(&space_topic(space))
+            .map_err(|e| NetError::Setup(format!("subscribing to space {space}: {e}")))?;
+    }
+
+    let sync = request_response::Behaviour::with_codec(
+        SyncCodec::new(config.max_request_bytes, config.max_response_bytes),
+        [(SYNC_PROTOCOL, request_response::ProtocolSupport::Full)],
+        request_response::Config::default().with_request_timeout(config.request_timeout),
+    );
+
+    let mdns = if config.mdns {
+        let peer_id = keypair.public().to_peer_id();
+        Some(
+            mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)
+                .map_err(|e| NetError::Setup(format!("mDNS: {e}")))?,
+        )
+    } else {
+        None
+    };
+
+    Ok(WeftBehaviour {
+        gossipsub,
+        sync,
+        mdns: Toggle::from(mdns),
+        identify: identify::Behaviour::new(identify::Config::new(
+            IDENTIFY_PROTOCOL.to_owned(),
+            keypair.public(),
+        )),
+        ping: ping::Behaviour::default(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_names_follow_the_wire_contract() {
+        let space = SpaceName::new("todo").unwrap();
+        assert_eq!(space_topic(&space).hash().as_str(), "weft/todo/events/1");
+    }
+
+    #[test]
+    fn gossipsub_config_builds_with_default_limits() {
+        let key = weft_crdt::SigningKey::from_bytes(&[1; 32]);
+        let config = NetConfig::new(key);
+        let built = gossipsub_config(&config).unwrap();
+        assert_eq!(built.max_transmit_size(), config.max_gossip_bytes);
+        assert_eq!(built.mesh_n(), MESH_N);
+    }
+}

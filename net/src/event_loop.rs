@@ -1,0 +1,517 @@
+//! The network event loop: the one task that owns the libp2p [`Swarm`].
+//!
+//! Ownership: the loop owns the swarm and every piece of in-flight state — pulls waiting
+//! for a response (by `OutboundRequestId`), dials waiting for a connection (by
+//! `ConnectionId`), callers waiting for a listen address, and inbound pulls waiting for
+//! the node's answer (the libp2p `ResponseChannel` paired with the node's oneshot, in a
+//! `FuturesUnordered`). Nothing is shared: no locks, no `Arc<Mutex<Swarm>>`.
+//!
+//! Data flow:
+//! - node -> network: [`NetClient`](crate::NetClient) methods send a [`Command`] with a
+//!   oneshot for the answer over a bounded channel (`NetConfig::command_buffer`); the
+//!   loop carries it out on the swarm and answers, at once or when the swarm reports the
+//!   outcome.
+//! - network -> node: swarm events become [`NetEvent`]s on a bounded channel
+//!   (`NetConfig::event_buffer`). Gossip that does not decode, or arrives on an unknown
+//!   topic, is rejected here and never reaches the node.
+//! - inbound pulls: the loop emits `PullRequested` with a oneshot, keeps the libp2p
+//!   response channel, and sends the node's answer when the oneshot resolves; a dropped
+//!   oneshot (or one unanswered past the request timeout) drops the channel, which closes
+//!   the requester's stream.
+//!
+//! Backpressure: the loop polls the swarm only while it holds a reserved slot in the
+//! event channel (every swarm event yields at most one `NetEvent`). When the node falls
+//! behind, the loop stops reading from the network — TCP and yamux flow control push
+//! back on peers — but keeps serving commands, so a node that calls the client while
+//! handling an event cannot deadlock against it. If the node drops the event receiver,
+//! events are discarded (gossip is reported `Ignore`, pulls go unanswered).
+//!
+//! Shutdown: when every `NetClient` is dropped the command channel closes, the loop
+//! returns, and the swarm with all its connections is dropped.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
+use libp2p::gossipsub::{self, MessageAcceptance, MessageId, TopicHash};
+use libp2p::request_response::{self, OutboundFailure, OutboundRequestId, ResponseChannel};
+use libp2p::swarm::dial_opts::DialOpts;
+use libp2p::swarm::{ConnectionId, SwarmEvent};
+use libp2p::{identify, mdns, Multiaddr, PeerId, Swarm};
+use tokio::sync::mpsc::{self, OwnedPermit};
+use tokio::sync::oneshot;
+use tracing::{debug, info, trace, warn};
+use weft_crdt::{decode_event_batch, SpaceName};
+
+use crate::behaviour::{space_topic, WeftBehaviour, WeftBehaviourEvent};
+use crate::client::Command;
+use crate::config::NetConfig;
+use crate::error::NetError;
+use crate::event::NetEvent;
+use crate::wire::{PullRequest, PullResponse};
+
+/// An inbound pull waiting for the node: resolves to the libp2p channel, the requester,
+/// and the node's answer (`None` if the node dropped the oneshot or ran out of time).
+type PendingReply =
+    BoxFuture<'static, (ResponseChannel<PullResponse>, PeerId, Option<PullResponse>)>;
+
+type PullReply = oneshot::Sender<Result<PullResponse, NetError>>;
+type DialReply = oneshot::Sender<Result<(), NetError>>;
+
+pub(crate) struct EventLoop {
+    swarm: Swarm<WeftBehaviour>,
+    commands: mpsc::Receiver<Command>,
+    events: mpsc::Sender<NetEvent>,
+    /// A reserved slot in `events`; the swarm is polled only while this is `Some`.
+    permit: Option<OwnedPermit<NetEvent>>,
+    /// The node dropped its receiver.
+    events_closed: bool,
+    topics: HashMap<TopicHash, SpaceName>,
+    pending_pulls: HashMap<OutboundRequestId, (PeerId, PullReply)>,
+    pending_dials: HashMap<ConnectionId, (Multiaddr, DialReply)>,
+    listen_waiters: Vec<oneshot::Sender<Vec<Multiaddr>>>,
+    /// Bounded by libp2p: each connection accepts a limited number of concurrent inbound
+    /// streams, and each entry expires after `request_timeout`.
+    pending_replies: FuturesUnordered<PendingReply>,
+    request_timeout: Duration,
+}
+
+impl EventLoop {
+    pub(crate) fn new(
+        swarm: Swarm<WeftBehaviour>,
+        commands: mpsc::Receiver<Command>,
+        events: mpsc::Sender<NetEvent>,
+        config: &NetConfig,
+    ) -> Self {
+        let topics = config
+            .spaces
+            .iter()
+            .map(|s| (space_topic(s).hash(), s.clone()))
+            .collect();
+        EventLoop {
+            swarm,
+            commands,
+            events,
+            permit: None,
+            events_closed: false,
+            topics,
+            pending_pulls: HashMap::new(),
+            pending_dials: HashMap::new(),
+            listen_waiters: Vec::new(),
+            pending_replies: FuturesUnordered::new(),
+            request_timeout: config.request_timeout,
+        }
+    }
+
+    /// Runs until every `NetClient` is dropped.
+    pub(crate) async fn run(mut self) {
+        info!(peer = %self.swarm.local_peer_id(), "network event loop started");
+        loop {
+            let can_emit = self.permit.is_some() || self.events_closed;
+            tokio::select! {
+                command = self.commands.recv() => match command {
+                    Some(command) => self.handle_command(command),
+                    None => break,
+                },
+                Some((channel, peer, answer)) = self.pending_replies.next(),
+                    if !self.pending_replies.is_empty() =>
+                {
+                    self.send_reply(channel, peer, answer)
+                }
+                permit = self.events.clone().reserve_owned(), if !can_emit => match permit {
+                    Ok(permit) => self.permit = Some(permit),
+                    Err(_) => {
+                        debug!("the node dropped its event receiver; network events are discarded");
+                        self.events_closed = true;
+                    }
+                },
+                event = self.swarm.select_next_some(), if can_emit => self.handle_swarm_event(event),
+            }
+        }
+        info!(peer = %self.swarm.local_peer_id(), "all network clients dropped; event loop stopped");
+    }
+
+    /// Sends `event` using the reserved slot. The swarm is polled only with a slot in hand
+    /// and each swarm event yields at most one `NetEvent`, so the slot is there unless the
+    /// receiver is gone.
+    fn emit(&mut self, event: NetEvent) {
+        match self.permit.take() {
+            Some(permit) => {
+                permit.send(event);
+            }
+            None => trace!(?event, "event discarded: no receiver"),
+        }
+    }
+
+    fn handle_command(&mut self, command: Command) {
+        match command {
+            Command::ListenAddrs { reply } => {
+                let _ = reply.send(self.swarm.listeners().cloned().collect());
+            }
+            Command::WaitListening { reply } => {
+                let addrs: Vec<Multiaddr> = self.swarm.listeners().cloned().collect();
+                if addrs.is_empty() {
+                    self.listen_waiters.retain(|w| !w.is_closed());
+                    self.listen_waiters.push(reply);
+                } else {
+                    let _ = reply.send(addrs);
+                }
+            }
+            Command::ConnectedPeers { reply } => {
+                let _ = reply.send(self.swarm.connected_peers().copied().collect());
+            }
+            Command::Dial { addr, reply } => {
+                let opts = DialOpts::unknown_peer_id().address(addr.clone()).build();
+                let id = opts.connection_id();
+                match self.swarm.dial(opts) {
+                    Ok(()) => {
+                        self.pending_dials.insert(id, (addr, reply));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(NetError::Dial {
+                            addr,
+                            reason: e.to_string(),
+                        }));
+                    }
+                }
+            }
+            Command::Publish {
+                space,
+                messages,
+                reply,
+            } => {
+                let _ = reply.send(self.publish(space, messages));
+            }
+            Command::Pull {
+                peer,
+                request,
+                reply,
+            } => self.pull(peer, request, reply),
+            Command::ReportValidation {
+                message_id,
+                source,
+                verdict,
+                reply,
+            } => {
+                self.report(&message_id, &source, verdict.into());
+                let _ = reply.send(());
+            }
+        }
+    }
+
+    fn publish(&mut self, space: SpaceName, messages: Vec<Vec<u8>>) -> Result<(), NetError> {
+        let topic = space_topic(&space).hash();
+        if !self.topics.contains_key(&topic) {
+            return Err(NetError::UnknownSpace(space));
+        }
+        for data in messages {
+            let len = data.len();
+            match self
+                .swarm
+                .behaviour_mut()
+                .gossipsub
+                .publish(topic.clone(), data)
+            {
+                Ok(id) => trace!(%space, message_id = %id, len, "gossip published"),
+                // Pull sync delivers what gossip does not; none of these is the caller's problem.
+                Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {
+                    debug!(%space, "gossip not sent: no peer subscribed yet")
+                }
+                Err(gossipsub::PublishError::Duplicate) => {
+                    debug!(%space, "gossip not sent: identical message already published")
+                }
+                Err(gossipsub::PublishError::AllQueuesFull(peers)) => {
+                    warn!(%space, peers, "gossip not sent: every peer's send queue is full")
+                }
+                Err(e) => return Err(NetError::Publish(format!("space {space}: {e}"))),
+            }
+        }
+        Ok(())
+    }
+
+    fn pull(&mut self, peer: PeerId, request: PullRequest, reply: PullReply) {
+        let id = self.swarm.behaviour_mut().sync.send_request(&peer, request);
+        self.pending_pulls.insert(id, (peer, reply));
+    }
+
+    fn report(&mut self, id: &MessageId, source: &PeerId, acceptance: MessageAcceptance) {
+        let known = self
+            .swarm
+            .behaviour_mut()
+            .gossipsub
+            .report_message_validation_result(id, source, acceptance);
+        if !known {
+            debug!(message_id = %id, %source, "validation reported for a message no longer cached");
+        }
+    }
+
+    fn send_reply(
+        &mut self,
+        channel: ResponseChannel<PullResponse>,
+        peer: PeerId,
+        answer: Option<PullResponse>,
+    ) {
+        match answer {
+            Some(response) => {
+                if self
+                    .swarm
+                    .behaviour_mut()
+                    .sync
+                    .send_response(channel, response)
+                    .is_err()
+                {
+                    debug!(%peer, "pull answer not sent: the request already timed out or its connection closed");
+                }
+            }
+            None => debug!(%peer, "pull not answered by the node; closing the stream"),
+        }
+    }
+
+    fn handle_swarm_event(&mut self, event: SwarmEvent<WeftBehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                info!(%address, "listening");
+                let addrs: Vec<Multiaddr> = self.swarm.listeners().cloned().collect();
+                for waiter in self.listen_waiters.drain(..) {
+                    let _ = waiter.send(addrs.clone());
+                }
+                self.emit(NetEvent::Listening { addr: address });
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                debug!(%address, "listen address expired")
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                num_established,
+                endpoint,
+                ..
+            } => {
+                debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connection established");
+                if let Some((_, reply)) = self.pending_dials.remove(&connection_id) {
+                    let _ = reply.send(Ok(()));
+                }
+                if num_established.get() == 1 {
+                    self.emit(NetEvent::PeerConnected { peer: peer_id });
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established,
+                cause,
+                ..
+            } => {
+                debug!(peer = %peer_id, ?cause, "connection closed");
+                if num_established == 0 {
+                    self.emit(NetEvent::PeerDisconnected { peer: peer_id });
+                }
+            }
+            SwarmEvent::OutgoingConnectionError {
+                connection_id,
+                peer_id,
+                error,
+            } => {
+                debug!(peer = ?peer_id, %error, "outgoing connection failed");
+                if let Some((addr, reply)) = self.pending_dials.remove(&connection_id) {
+                    let _ = reply.send(Err(NetError::Dial {
+                        addr,
+                        reason: error.to_string(),
+                    }));
+                }
+            }
+            SwarmEvent::IncomingConnectionError { error, .. } => {
+                debug!(%error, "incoming connection failed")
+            }
+            SwarmEvent::Behaviour(WeftBehaviourEvent::Gossipsub(e)) => self.handle_gossip(e),
+            SwarmEvent::Behaviour(WeftBehaviourEvent::Sync(e)) => self.handle_sync(e),
+            SwarmEvent::Behaviour(WeftBehaviourEvent::Mdns(e)) => self.handle_mdns(e),
+            SwarmEvent::Behaviour(WeftBehaviourEvent::Identify(e)) => self.handle_identify(e),
+            SwarmEvent::Behaviour(WeftBehaviourEvent::Ping(_)) => {}
+            other => trace!(?other, "swarm event"),
+        }
+    }
+
+    fn handle_gossip(&mut self, event: gossipsub::Event) {
+        match event {
+            gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            } => {
+                let Some(space) = self.topics.get(&message.topic).cloned() else {
+                    warn!(peer = %propagation_source, topic = %message.topic, "gossip on an unknown topic rejected");
+                    self.report(&message_id, &propagation_source, MessageAcceptance::Reject);
+                    return;
+                };
+                let events = match decode_event_batch(&message.data) {
+                    Ok(events) if events.is_empty() => {
+                        warn!(peer = %propagation_source, %space, "empty gossip batch rejected");
+                        self.report(&message_id, &propagation_source, MessageAcceptance::Reject);
+                        return;
+                    }
+                    Ok(events) => events,
+                    Err(e) => {
+                        warn!(peer = %propagation_source, %space, error = %e, "invalid gossip rejected");
+                        self.report(&message_id, &propagation_source, MessageAcceptance::Reject);
+                        return;
+                    }
+                };
+                if self.events_closed {
+                    self.report(&message_id, &propagation_source, MessageAcceptance::Ignore);
+                    return;
+                }
+                self.emit(NetEvent::Gossip {
+                    source: propagation_source,
+                    message_id,
+                    space,
+                    events,
+                });
+            }
+            gossipsub::Event::Subscribed { peer_id, topic } => {
+                if let Some(space) = self.topics.get(&topic).cloned() {
+                    debug!(peer = %peer_id, %space, "peer subscribed");
+                    self.emit(NetEvent::PeerSubscribed {
+                        peer: peer_id,
+                        space,
+                    });
+                }
+            }
+            gossipsub::Event::Unsubscribed { peer_id, topic } => {
+                debug!(peer = %peer_id, %topic, "peer unsubscribed")
+            }
+            gossipsub::Event::GossipsubNotSupported { peer_id } => {
+                debug!(peer = %peer_id, "peer does not speak gossipsub")
+            }
+            gossipsub::Event::SlowPeer {
+                peer_id,
+                failed_messages,
+            } => warn!(peer = %peer_id, ?failed_messages, "peer is too slow to take gossip"),
+        }
+    }
+
+    fn handle_sync(&mut self, event: request_response::Event<PullRequest, PullResponse>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
+                    if self.events_closed {
+                        debug!(%peer, "pull dropped: the node is not reading events");
+                        return;
+                    }
+                    let (tx, rx) = oneshot::channel();
+                    let timeout = self.request_timeout;
+                    self.pending_replies.push(
+                        async move {
+                            let answer = tokio::time::timeout(timeout, rx)
+                                .await
+                                .ok()
+                                .and_then(Result::ok);
+                            (channel, peer, answer)
+                        }
+                        .boxed(),
+                    );
+                    self.emit(NetEvent::PullRequested {
+                        peer,
+                        request,
+                        reply: tx,
+                    });
+                }
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    if let Some((_, reply)) = self.pending_pulls.remove(&request_id) {
+                        let _ = reply.send(Ok(response));
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                debug!(%peer, %error, "pull failed");
+                if let Some((_, reply)) = self.pending_pulls.remove(&request_id) {
+                    let _ = reply.send(Err(self.pull_error(peer, error)));
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => match error {
+                request_response::InboundFailure::Io(e) => {
+                    warn!(%peer, error = %e, "bad inbound pull request")
+                }
+                other => debug!(%peer, error = %other, "inbound pull failed"),
+            },
+            request_response::Event::ResponseSent { peer, .. } => {
+                trace!(%peer, "pull answered")
+            }
+        }
+    }
+
+    fn pull_error(&self, peer: PeerId, error: OutboundFailure) -> NetError {
+        let reason = match error {
+            OutboundFailure::Timeout => {
+                return NetError::PullTimeout {
+                    peer,
+                    after: self.request_timeout,
+                }
+            }
+            OutboundFailure::DialFailure => "could not connect to the peer".to_owned(),
+            OutboundFailure::ConnectionClosed => {
+                "the connection closed before a response arrived".to_owned()
+            }
+            OutboundFailure::UnsupportedProtocols => {
+                "the peer does not speak /weft/sync/1".to_owned()
+            }
+            OutboundFailure::Io(e) => e.to_string(),
+        };
+        NetError::PullFailed { peer, reason }
+    }
+
+    fn handle_mdns(&mut self, event: mdns::Event) {
+        match event {
+            mdns::Event::Discovered(found) => {
+                let mut by_peer: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
+                for (peer, addr) in found {
+                    by_peer.entry(peer).or_default().push(addr);
+                }
+                for (peer, addrs) in by_peer {
+                    for addr in &addrs {
+                        self.swarm.add_peer_address(peer, addr.clone());
+                    }
+                    if self.swarm.is_connected(&peer) {
+                        continue;
+                    }
+                    debug!(%peer, ?addrs, "mDNS discovered a peer; dialing");
+                    if let Err(e) = self
+                        .swarm
+                        .dial(DialOpts::peer_id(peer).addresses(addrs).build())
+                    {
+                        debug!(%peer, error = %e, "dialing an mDNS peer failed");
+                    }
+                }
+            }
+            mdns::Event::Expired(gone) => {
+                for (peer, addr) in gone {
+                    trace!(%peer, %addr, "mDNS record expired");
+                }
+            }
+        }
+    }
+
+    fn handle_identify(&mut self, event: identify::Event) {
+        if let identify::Event::Received { peer_id, info, .. } = event {
+            trace!(peer = %peer_id, agent = %info.agent_version, "identified");
+            if info.protocol_version != crate::behaviour::IDENTIFY_PROTOCOL {
+                debug!(peer = %peer_id, version = %info.protocol_version, "peer is not a weft node");
+                return;
+            }
+            for addr in info.listen_addrs {
+                self.swarm.add_peer_address(peer_id, addr);
+            }
+        }
+    }
+}

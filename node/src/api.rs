@@ -1,0 +1,227 @@
+//! The HTTP API (JSON in and out), as DESIGN.md gives it. Served on loopback by default.
+//!
+//! Every handler validates its whole input before it touches the store, so a bad
+//! request gets a 4xx with `{"error": "..."}` and leaves nothing behind.
+
+use std::collections::BTreeMap;
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Deserializer};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use weft_crdt::{Op, SpaceName};
+use weft_store::Applied;
+
+use crate::error::NodeError;
+use crate::node::{clock_json, Node, WriteRequest};
+use crate::payload::Payload;
+
+/// Most events one `GET /spaces/{space}/events` returns.
+pub const MAX_EVENTS_PER_PAGE: usize = 1_000;
+const DEFAULT_EVENTS_PER_PAGE: usize = 100;
+
+/// A JSON error answer.
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<NodeError> for ApiError {
+    fn from(e: NodeError) -> Self {
+        let status = match &e {
+            NodeError::Invalid(_) => StatusCode::BAD_REQUEST,
+            NodeError::UnknownSpace(_) => StatusCode::NOT_FOUND,
+            NodeError::Closed => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if status.is_server_error() {
+            tracing::error!("API request failed: {e}");
+        }
+        ApiError(status, e.to_string())
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> Self {
+        ApiError(r.status(), format!("bad JSON body: {}", r.body_text()))
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(r: QueryRejection) -> Self {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("bad query: {}", r.body_text()),
+        )
+    }
+}
+
+fn space(name: String) -> Result<SpaceName, ApiError> {
+    SpaceName::new(name).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))
+}
+
+/// Builds the router for `node`.
+pub fn router(node: Node) -> Router {
+    Router::new()
+        .route("/spaces/{space}/events", post(post_event).get(list_events))
+        .route("/spaces/{space}/keys/{*key}", get(get_key))
+        .route("/status", get(status))
+        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
+        .with_state(node)
+}
+
+/// Serves the API on `listener` until `shutdown` turns true.
+pub async fn serve(node: Node, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+    let app = router(node);
+    let stop = async move {
+        while !*shutdown.borrow() {
+            if shutdown.changed().await.is_err() {
+                break;
+            }
+        }
+    };
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(stop)
+        .await
+    {
+        tracing::error!("HTTP API stopped: {e}");
+    }
+}
+
+/// Distinguishes `"value": null` (a JSON null value) from a missing `value`.
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PostEvent {
+    key: String,
+    #[serde(default)]
+    op: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    value: Option<Value>,
+    #[serde(default)]
+    kind: String,
+    #[serde(default)]
+    meta: BTreeMap<String, String>,
+}
+
+async fn post_event(
+    State(node): State<Node>,
+    Path(name): Path<String>,
+    body: Result<Json<PostEvent>, JsonRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let space = space(name)?;
+    let Json(body) = body?;
+    let op = match body.op.as_deref() {
+        None | Some("put") => Op::Put,
+        Some("delete") => Op::Delete,
+        Some(other) => {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("unknown op {other:?}: use \"put\" or \"delete\""),
+            ))
+        }
+    };
+    let value = body.value.as_ref().map(Payload::encode).transpose()?;
+    let written = node
+        .write(
+            &space,
+            WriteRequest {
+                key: body.key,
+                op,
+                value,
+                kind: body.kind,
+                meta: body.meta,
+            },
+        )
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "id": written.id.to_string(), "lsn": written.lsn })),
+    ))
+}
+
+async fn get_key(
+    State(node): State<Node>,
+    Path((name, key)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let space = space(name)?;
+    match node.get(&space, &key).await? {
+        Some(r) => Ok(Json(json!({
+            "key": r.key,
+            "value": r.value.to_json(),
+            "siblings": r.siblings.iter().map(Payload::to_json).collect::<Vec<_>>(),
+            "clock": clock_json(&r.clock),
+        }))),
+        None => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("key {key:?} has no value in space {space}"),
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    #[serde(default)]
+    since: u64,
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+/// The JSON form of an applied event, shared by the API and `weft log`.
+pub(crate) fn event_json(a: &Applied) -> Value {
+    let e = &a.event;
+    json!({
+        "lsn": a.lsn,
+        "id": e.id().to_string(),
+        "origin": e.origin.to_string(),
+        "seq": e.seq,
+        "key": e.key,
+        "op": e.op.as_str(),
+        "kind": e.kind,
+        "value": match e.op { Op::Put => Payload(e.payload.clone()).to_json(), Op::Delete => Value::Null },
+        "meta": e.meta,
+        "hlc": e.hlc.0,
+    })
+}
+
+async fn list_events(
+    State(node): State<Node>,
+    Path(name): Path<String>,
+    query: Result<Query<EventsQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let space = space(name)?;
+    let Query(q) = query?;
+    let limit = q.limit.unwrap_or(DEFAULT_EVENTS_PER_PAGE);
+    if limit == 0 || limit > MAX_EVENTS_PER_PAGE {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("limit must be between 1 and {MAX_EVENTS_PER_PAGE}"),
+        ));
+    }
+    let events = node.events_since(&space, q.since, limit).await?;
+    let next = events.last().map_or(q.since, |a| a.lsn);
+    Ok(Json(json!({
+        "events": events.iter().map(event_json).collect::<Vec<_>>(),
+        "next": next,
+    })))
+}
+
+async fn status(State(node): State<Node>) -> Result<Json<Value>, ApiError> {
+    let st = node.status().await?;
+    serde_json::to_value(st)
+        .map(Json)
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}

@@ -1,0 +1,540 @@
+//! The embeddable [`Node`]: a store, a network client and the sync loop that joins them.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::StreamExt;
+use weft_crdt::{
+    EventId, NodeId, Op, Resolver, ResolverKind, SpaceName, VectorClock, VersionVector,
+};
+use weft_net::{Multiaddr, NetClient, NetConfig, PeerId};
+use weft_store::{Applied, Store, StoreConfig, Write};
+
+use crate::error::NodeError;
+use crate::identity;
+use crate::payload::Payload;
+use crate::sync::{self, SyncConfig};
+
+/// Configures and starts a [`Node`].
+#[derive(Debug, Clone)]
+pub struct NodeBuilder {
+    data_dir: PathBuf,
+    spaces: BTreeSet<SpaceName>,
+    listen: Vec<Multiaddr>,
+    bootstrap: Vec<Multiaddr>,
+    mdns: bool,
+    resolver: ResolverChoice,
+    api: Option<SocketAddr>,
+    sync: SyncConfig,
+    store: StoreConfig,
+}
+
+#[derive(Debug, Clone)]
+enum ResolverChoice {
+    Kind(ResolverKind),
+    Custom(Arc<dyn Resolver>),
+}
+
+impl NodeBuilder {
+    /// A node keeping its log and identity in `data_dir`, hosting the `default` space,
+    /// listening on every interface on a free TCP port, with mDNS on and
+    /// last-writer-wins.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        NodeBuilder {
+            data_dir: data_dir.into(),
+            spaces: BTreeSet::new(),
+            listen: Vec::new(),
+            bootstrap: Vec::new(),
+            mdns: true,
+            resolver: ResolverChoice::Kind(ResolverKind::Lww),
+            api: None,
+            sync: SyncConfig::default(),
+            store: StoreConfig::default(),
+        }
+    }
+
+    /// Hosts `space` (repeatable). With none named, the node hosts `default`.
+    pub fn space(mut self, space: SpaceName) -> Self {
+        self.spaces.insert(space);
+        self
+    }
+
+    /// Listens on `addr` (repeatable). Default `/ip4/0.0.0.0/tcp/0`.
+    pub fn listen(mut self, addr: Multiaddr) -> Self {
+        self.listen.push(addr);
+        self
+    }
+
+    /// Dials `addr` at start (repeatable).
+    pub fn bootstrap(mut self, addr: Multiaddr) -> Self {
+        self.bootstrap.push(addr);
+        self
+    }
+
+    /// Turns LAN discovery by mDNS on or off (default on).
+    pub fn mdns(mut self, on: bool) -> Self {
+        self.mdns = on;
+        self
+    }
+
+    /// Chooses a built-in conflict resolver for every space (default last-writer-wins).
+    pub fn resolver(mut self, kind: ResolverKind) -> Self {
+        self.resolver = ResolverChoice::Kind(kind);
+        self
+    }
+
+    /// Uses an application's own resolver for every space.
+    pub fn custom_resolver(mut self, resolver: Arc<dyn Resolver>) -> Self {
+        self.resolver = ResolverChoice::Custom(resolver);
+        self
+    }
+
+    /// Serves the HTTP API on `addr` (port 0 picks a free port; see
+    /// [`Node::api_addr`]). Without it the node serves no HTTP.
+    pub fn api(mut self, addr: SocketAddr) -> Self {
+        self.api = Some(addr);
+        self
+    }
+
+    /// How often the node pulls from a random peer even when gossip shows no gap
+    /// (anti-entropy). Default 15 s, with up to 25% jitter.
+    pub fn anti_entropy_interval(mut self, every: Duration) -> Self {
+        self.sync.anti_entropy = every;
+        self
+    }
+
+    /// Opens the store, starts the network and the sync loop, and (if configured) the
+    /// HTTP API.
+    pub async fn start(self) -> Result<Node, NodeError> {
+        std::fs::create_dir_all(&self.data_dir).map_err(|e| {
+            NodeError::io(
+                format!("creating data directory {}", self.data_dir.display()),
+                e,
+            )
+        })?;
+        let lock = identity::lock_data_dir(&self.data_dir)?;
+        let key = identity::load_or_create(&self.data_dir)?;
+        let spaces: BTreeSet<SpaceName> = if self.spaces.is_empty() {
+            [SpaceName::default_space()].into()
+        } else {
+            self.spaces
+        };
+        let store = Store::open(&self.data_dir.join("log"), key.clone(), self.store)?;
+
+        let mut net_config = NetConfig::new(key);
+        if !self.listen.is_empty() {
+            net_config.listen = self.listen;
+        }
+        net_config.bootstrap = self.bootstrap;
+        net_config.mdns = self.mdns;
+        net_config.spaces = spaces.iter().cloned().collect();
+        let (net, net_events) = weft_net::start(net_config)?;
+        let listen = net.wait_listening(Duration::from_secs(10)).await?;
+        tracing::debug!(?listen, "network listening");
+
+        let resolver = match self.resolver {
+            ResolverChoice::Kind(k) => k.resolver(),
+            ResolverChoice::Custom(r) => r,
+        };
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let (publish_tx, publish_rx) = mpsc::channel(self.sync.publish_queue);
+        let inner = Arc::new(Inner {
+            node_id: store.node_id(),
+            store,
+            net,
+            spaces,
+            resolver,
+            publish: publish_tx,
+            shutdown: shutdown_tx,
+            tasks: std::sync::Mutex::new(Vec::new()),
+            api_addr: std::sync::Mutex::new(None),
+            _lock: lock,
+        });
+        let node = Node { inner };
+        let loop_task = tokio::spawn(sync::run(
+            node.clone(),
+            net_events,
+            publish_rx,
+            shutdown_rx.clone(),
+            self.sync,
+        ));
+        node.track(loop_task);
+        if let Some(addr) = self.api {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| NodeError::io(format!("binding the HTTP API on {addr}"), e))?;
+            let bound = listener
+                .local_addr()
+                .map_err(|e| NodeError::io("reading the HTTP API address", e))?;
+            *lock_unpoisoned(&node.inner.api_addr) = Some(bound);
+            let api_task = tokio::spawn(crate::api::serve(node.clone(), listener, shutdown_rx));
+            node.track(api_task);
+        }
+        Ok(node)
+    }
+}
+
+fn lock_unpoisoned<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub(crate) struct Inner {
+    pub(crate) node_id: NodeId,
+    pub(crate) store: Store,
+    pub(crate) net: NetClient,
+    pub(crate) spaces: BTreeSet<SpaceName>,
+    pub(crate) resolver: Arc<dyn Resolver>,
+    publish: mpsc::Sender<Applied>,
+    shutdown: watch::Sender<bool>,
+    tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    api_addr: std::sync::Mutex<Option<SocketAddr>>,
+    // Held for the node's life: dropping it releases the data directory.
+    _lock: File,
+}
+
+/// A running weft node. Cheap to clone; every clone drives the same node.
+#[derive(Clone)]
+pub struct Node {
+    pub(crate) inner: Arc<Inner>,
+}
+
+/// A write as the HTTP API and embedding applications express it.
+#[derive(Debug, Clone)]
+pub struct WriteRequest {
+    /// The record.
+    pub key: String,
+    /// Put or delete.
+    pub op: Op,
+    /// The value; must be `None` for a delete and `Some` for a put.
+    pub value: Option<Payload>,
+    /// The application's event type (may be empty).
+    pub kind: String,
+    /// Audit data.
+    pub meta: BTreeMap<String, String>,
+}
+
+/// The acknowledgement of a durable local write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Written {
+    /// The new event's id.
+    #[serde(serialize_with = "display")]
+    pub id: EventId,
+    /// Its local position.
+    pub lsn: u64,
+}
+
+fn display<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+/// What a key reads as.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// The key.
+    pub key: String,
+    /// The resolved value.
+    pub value: Payload,
+    /// For a conflict the resolver leaves open (multi-value), every concurrent value;
+    /// otherwise empty.
+    pub siblings: Vec<Payload>,
+    /// The merged clock of the key's frontier: the history this value reflects.
+    pub clock: VectorClock,
+    /// The ids of the frontier events.
+    pub frontier: Vec<EventId>,
+}
+
+/// A snapshot of a node for `weft status` and `/status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeStatus {
+    /// The node's peer id (its NodeId).
+    pub peer_id: String,
+    /// Addresses the node listens on.
+    pub listen: Vec<String>,
+    /// Per hosted space.
+    pub spaces: BTreeMap<String, SpaceStatus>,
+    /// Connected peers.
+    pub peers: Vec<String>,
+}
+
+/// Per-space status.
+#[derive(Debug, Clone, Serialize)]
+pub struct SpaceStatus {
+    /// Origin (peer id) -> highest contiguous seq applied.
+    pub version_vector: BTreeMap<String, u64>,
+    /// Events applied.
+    pub events: u64,
+    /// Events waiting for their causal dependencies.
+    pub pending: u64,
+    /// Local position of the latest applied event.
+    pub last_lsn: u64,
+}
+
+pub(crate) fn clock_json(clock: &VectorClock) -> BTreeMap<String, u64> {
+    clock.iter().map(|(o, s)| (o.to_string(), s)).collect()
+}
+
+pub(crate) fn vv_json(vv: &VersionVector) -> BTreeMap<String, u64> {
+    clock_json(vv.as_clock())
+}
+
+impl Node {
+    fn track(&self, task: JoinHandle<()>) {
+        lock_unpoisoned(&self.inner.tasks).push(task);
+    }
+
+    /// This node's id (the same key as its libp2p PeerId).
+    pub fn node_id(&self) -> NodeId {
+        self.inner.node_id
+    }
+
+    /// This node's libp2p PeerId.
+    pub fn peer_id(&self) -> PeerId {
+        self.inner.net.local_peer_id()
+    }
+
+    /// The address the HTTP API is bound to, if it was configured.
+    pub fn api_addr(&self) -> Option<SocketAddr> {
+        *lock_unpoisoned(&self.inner.api_addr)
+    }
+
+    /// The spaces this node hosts.
+    pub fn spaces(&self) -> impl Iterator<Item = &SpaceName> {
+        self.inner.spaces.iter()
+    }
+
+    /// The addresses the node listens on.
+    pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, NodeError> {
+        Ok(self.inner.net.listen_addrs().await?)
+    }
+
+    /// Connects to a peer now (in addition to bootstrap and mDNS).
+    pub async fn dial(&self, addr: Multiaddr) -> Result<(), NodeError> {
+        Ok(self.inner.net.dial(addr).await?)
+    }
+
+    pub(crate) fn check_space(&self, space: &SpaceName) -> Result<(), NodeError> {
+        if self.inner.spaces.contains(space) {
+            Ok(())
+        } else {
+            Err(NodeError::UnknownSpace(space.clone()))
+        }
+    }
+
+    /// Appends a write; returns once it is durable. It is gossiped to peers right after.
+    pub async fn write(&self, space: &SpaceName, req: WriteRequest) -> Result<Written, NodeError> {
+        self.check_space(space)?;
+        let payload = match (req.op, req.value) {
+            (Op::Put, Some(p)) => p.0,
+            (Op::Put, None) => return Err(NodeError::Invalid("a put needs a value".into())),
+            (Op::Delete, None) => Vec::new(),
+            (Op::Delete, Some(_)) => {
+                return Err(NodeError::Invalid("a delete takes no value".into()))
+            }
+        };
+        let applied = self
+            .inner
+            .store
+            .append(
+                space,
+                Write {
+                    key: req.key,
+                    op: req.op,
+                    kind: req.kind,
+                    payload,
+                    meta: req.meta,
+                },
+            )
+            .await
+            .map_err(store_error)?;
+        let written = Written {
+            id: applied.event.id(),
+            lsn: applied.lsn,
+        };
+        // The write is durable and acknowledged whatever happens to gossip: peers that
+        // miss it pull it later.
+        if self.inner.publish.send(applied).await.is_err() {
+            tracing::debug!("publisher stopped; the write will spread by pull");
+        }
+        Ok(written)
+    }
+
+    /// Puts a serde value (stored as CBOR) under `key`.
+    pub async fn put<T: Serialize + ?Sized>(
+        &self,
+        space: &SpaceName,
+        key: &str,
+        value: &T,
+    ) -> Result<Written, NodeError> {
+        self.write(
+            space,
+            WriteRequest {
+                key: key.to_owned(),
+                op: Op::Put,
+                value: Some(Payload::encode(value)?),
+                kind: String::new(),
+                meta: BTreeMap::new(),
+            },
+        )
+        .await
+    }
+
+    /// Deletes `key` (writes a tombstone).
+    pub async fn delete(&self, space: &SpaceName, key: &str) -> Result<Written, NodeError> {
+        self.write(
+            space,
+            WriteRequest {
+                key: key.to_owned(),
+                op: Op::Delete,
+                value: None,
+                kind: String::new(),
+                meta: BTreeMap::new(),
+            },
+        )
+        .await
+    }
+
+    /// Reads `key` as the space's resolver decides; `None` when it has no value (never
+    /// written, or deleted).
+    pub async fn get(&self, space: &SpaceName, key: &str) -> Result<Option<Record>, NodeError> {
+        self.check_space(space)?;
+        let frontier = self
+            .inner
+            .store
+            .get(space, key)
+            .await
+            .map_err(store_error)?;
+        if frontier.is_empty() {
+            return Ok(None);
+        }
+        let refs: Vec<_> = frontier.iter().collect();
+        let resolution = self.inner.resolver.resolve(&refs);
+        let Some(winner) = resolution.value else {
+            return Ok(None);
+        };
+        let mut clock = VectorClock::new();
+        for e in &frontier {
+            clock.merge(&e.clock);
+        }
+        Ok(Some(Record {
+            key: key.to_owned(),
+            value: Payload(winner.payload.clone()),
+            siblings: resolution
+                .siblings
+                .iter()
+                .map(|e| Payload(e.payload.clone()))
+                .collect(),
+            clock,
+            frontier: frontier.iter().map(|e| e.id()).collect(),
+        }))
+    }
+
+    /// Applied events with local position after `after`, oldest first, at most `limit`.
+    pub async fn events_since(
+        &self,
+        space: &SpaceName,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Applied>, NodeError> {
+        self.check_space(space)?;
+        self.inner
+            .store
+            .events_since(space, after, limit)
+            .await
+            .map_err(store_error)
+    }
+
+    /// Every event applied from now on in `space` (local writes and replicated ones),
+    /// in local order. A subscriber that falls far behind skips ahead; it can re-read
+    /// what it missed with [`Node::events_since`].
+    pub fn subscribe(
+        &self,
+        space: &SpaceName,
+    ) -> impl Stream<Item = Arc<Applied>> + Send + 'static {
+        let space = space.clone();
+        BroadcastStream::new(self.inner.store.subscribe()).filter_map(move |r| match r {
+            Ok(a) if a.space == space => Some(a),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!("subscriber lagged: {e}");
+                None
+            }
+        })
+    }
+
+    /// The version vector of a space.
+    pub async fn version_vector(&self, space: &SpaceName) -> Result<VersionVector, NodeError> {
+        self.check_space(space)?;
+        self.inner
+            .store
+            .version_vector(space)
+            .await
+            .map_err(store_error)
+    }
+
+    /// Node id, listen addresses, peers and per-space counts.
+    pub async fn status(&self) -> Result<NodeStatus, NodeError> {
+        let mut spaces = BTreeMap::new();
+        for s in &self.inner.spaces {
+            let st = self.inner.store.stats(s).await.map_err(store_error)?;
+            spaces.insert(
+                s.to_string(),
+                SpaceStatus {
+                    version_vector: vv_json(&st.version_vector),
+                    events: st.events,
+                    pending: st.pending,
+                    last_lsn: st.last_lsn,
+                },
+            );
+        }
+        let listen = self
+            .inner
+            .net
+            .listen_addrs()
+            .await?
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        let peers = self
+            .inner
+            .net
+            .connected_peers()
+            .await?
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        Ok(NodeStatus {
+            peer_id: self.inner.node_id.to_string(),
+            listen,
+            spaces,
+            peers,
+        })
+    }
+
+    /// Stops the sync loop and the HTTP API and waits for them. Writes already
+    /// acknowledged are durable; the store closes when the last handle is dropped.
+    pub async fn shutdown(self) {
+        let _ = self.inner.shutdown.send(true);
+        let tasks = std::mem::take(&mut *lock_unpoisoned(&self.inner.tasks));
+        for t in tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+    }
+}
+
+/// Store errors caused by the caller's input become [`NodeError::Invalid`], so the API
+/// answers them with a 4xx.
+pub(crate) fn store_error(e: weft_store::StoreError) -> NodeError {
+    match e {
+        weft_store::StoreError::Invalid(reason) => NodeError::Invalid(reason.to_string()),
+        other => NodeError::Store(other),
+    }
+}

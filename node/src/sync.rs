@@ -1,0 +1,334 @@
+//! The sync loop: the one task that turns network events into store operations and
+//! decides when to pull.
+//!
+//! Ownership and flow:
+//! - `weft-net`'s event loop owns the libp2p swarm and sends [`NetEvent`]s here over a
+//!   bounded channel; this loop owns nothing but bookkeeping (which pulls are in
+//!   flight) and spawns a task per unit of work so a slow disk or a slow peer never
+//!   stalls the others.
+//! - Gossip batches are ingested by the store (which verifies signatures off the
+//!   runtime) and the verdict goes back to gossipsub, so invalid messages are never
+//!   forwarded. A batch that leaves events waiting for dependencies reveals a gap, and
+//!   triggers a pull from its sender.
+//! - Pull requests from peers are answered from the store on blocking threads.
+//! - A pull runs page by page until the responder says `done`: on every new
+//!   connection, when a peer subscribes to a space, on a gap, and periodically against
+//!   a random peer (anti-entropy, with jitter).
+//! - Local writes reach this loop through the publish queue and go out as gossip,
+//!   batched when they arrive faster than the swarm takes them.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::sync::{mpsc, watch};
+use weft_crdt::SpaceName;
+use weft_net::{NetEvent, PeerId, PullRequest, PullResponse, Verdict};
+use weft_store::{Applied, StoreError};
+
+use crate::node::Node;
+
+/// Tunables of the sync loop.
+#[derive(Debug, Clone)]
+pub(crate) struct SyncConfig {
+    /// Base period of anti-entropy pulls.
+    pub anti_entropy: Duration,
+    /// Events per pull page. 1,000 keeps a page near 300 KB for typical events: big
+    /// enough to amortise a round trip and a commit, small enough to stay responsive.
+    pub page_events: u32,
+    /// Bytes per pull page (the responder stops adding events past it).
+    pub page_bytes: u32,
+    /// Most pages one pull may take before yielding; bounds a pull against a peer that
+    /// keeps producing.
+    pub max_pages: usize,
+    /// Capacity of the local-write publish queue.
+    pub publish_queue: usize,
+    /// Most events in one gossip message.
+    pub publish_batch: usize,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig {
+            anti_entropy: Duration::from_secs(15),
+            page_events: 1_000,
+            page_bytes: 4 * 1024 * 1024,
+            max_pages: 100_000,
+            publish_queue: 1_024,
+            publish_batch: 256,
+        }
+    }
+}
+
+/// The most a peer may ask for in one page, whatever its request says: it bounds the
+/// memory and the time one answer takes.
+const MAX_SERVED_EVENTS: u32 = 10_000;
+const MAX_SERVED_BYTES: u32 = 8 * 1024 * 1024;
+
+type InFlight = Arc<Mutex<HashSet<(PeerId, SpaceName)>>>;
+
+pub(crate) async fn run(
+    node: Node,
+    mut events: mpsc::Receiver<NetEvent>,
+    mut publish: mpsc::Receiver<Applied>,
+    mut shutdown: watch::Receiver<bool>,
+    config: SyncConfig,
+) {
+    let in_flight: InFlight = Arc::default();
+    let mut anti_entropy = tokio::time::interval(jittered(config.anti_entropy));
+    anti_entropy.tick().await;
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            ev = events.recv() => match ev {
+                Some(ev) => handle(&node, ev, &in_flight, &config),
+                None => break,
+            },
+            first = publish.recv() => match first {
+                Some(first) => publish_batch(&node, first, &mut publish, &config).await,
+                None => break,
+            },
+            _ = anti_entropy.tick() => {
+                anti_entropy.reset_after(jittered(config.anti_entropy));
+                match node.inner.net.connected_peers().await {
+                    Ok(peers) if !peers.is_empty() => {
+                        let peer = peers[rand::thread_rng().gen_range(0..peers.len())];
+                        for space in node.inner.spaces.iter().cloned() {
+                            spawn_pull(&node, peer, space, &in_flight, &config);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!("anti-entropy: {e}"),
+                }
+            }
+        }
+    }
+    tracing::debug!("sync loop stopped");
+}
+
+fn jittered(base: Duration) -> Duration {
+    let quarter = base.as_millis() as u64 / 4;
+    base + Duration::from_millis(rand::thread_rng().gen_range(0..=quarter))
+}
+
+/// Gathers the local writes already queued behind `first` into one gossip message per
+/// space, so a burst of writes costs a few messages rather than one each.
+async fn publish_batch(
+    node: &Node,
+    first: Applied,
+    queue: &mut mpsc::Receiver<Applied>,
+    config: &SyncConfig,
+) {
+    let mut batch = vec![first];
+    while batch.len() < config.publish_batch {
+        match queue.try_recv() {
+            Ok(a) => batch.push(a),
+            Err(_) => break,
+        }
+    }
+    let mut by_space: Vec<(SpaceName, Vec<weft_crdt::Event>)> = Vec::new();
+    for a in batch {
+        match by_space.iter_mut().find(|(s, _)| *s == a.space) {
+            Some((_, evs)) => evs.push(a.event),
+            None => by_space.push((a.space, vec![a.event])),
+        }
+    }
+    for (space, evs) in by_space {
+        if let Err(e) = node.inner.net.publish(space, evs).await {
+            tracing::debug!("gossip publish failed (pull will cover it): {e}");
+        }
+    }
+}
+
+fn handle(node: &Node, ev: NetEvent, in_flight: &InFlight, config: &SyncConfig) {
+    match ev {
+        NetEvent::Listening { addr } => tracing::info!(%addr, "listening"),
+        NetEvent::PeerConnected { peer } => {
+            tracing::info!(%peer, "peer connected");
+            for space in node.inner.spaces.iter().cloned() {
+                spawn_pull(node, peer, space, in_flight, config);
+            }
+        }
+        NetEvent::PeerDisconnected { peer } => tracing::info!(%peer, "peer disconnected"),
+        NetEvent::PeerSubscribed { peer, space } => {
+            if node.inner.spaces.contains(&space) {
+                spawn_pull(node, peer, space, in_flight, config);
+            }
+        }
+        NetEvent::Gossip {
+            source,
+            message_id,
+            space,
+            events,
+        } => {
+            let node = node.clone();
+            let in_flight = in_flight.clone();
+            let config = config.clone();
+            tokio::spawn(async move {
+                let verdict = if !node.inner.spaces.contains(&space) {
+                    Verdict::Ignore
+                } else {
+                    match node.inner.store.ingest(&space, events).await {
+                        Ok(outcome) => {
+                            if outcome.parked > 0 {
+                                spawn_pull(&node, source, space.clone(), &in_flight, &config);
+                            }
+                            Verdict::Accept
+                        }
+                        Err(StoreError::Rejected { id, reason }) => {
+                            tracing::warn!(peer = %source, %space, event = %id, "rejected gossip: {reason}");
+                            Verdict::Reject
+                        }
+                        Err(e) => {
+                            tracing::error!(%space, "ingesting gossip failed: {e}");
+                            Verdict::Ignore
+                        }
+                    }
+                };
+                if let Err(e) = node
+                    .inner
+                    .net
+                    .report_validation(message_id, source, verdict)
+                    .await
+                {
+                    tracing::debug!("reporting gossip validation: {e}");
+                }
+            });
+        }
+        NetEvent::PullRequested {
+            peer,
+            request,
+            reply,
+        } => {
+            let node = node.clone();
+            tokio::spawn(async move {
+                let response = serve_pull(&node, request).await;
+                if let PullResponse::Refused { reason } = &response {
+                    tracing::debug!(%peer, "refused pull: {reason}");
+                }
+                let _ = reply.send(response);
+            });
+        }
+    }
+}
+
+async fn serve_pull(node: &Node, request: PullRequest) -> PullResponse {
+    if !node.inner.spaces.contains(&request.space) {
+        return PullResponse::Refused {
+            reason: format!("space {} is not hosted here", request.space),
+        };
+    }
+    let store = &node.inner.store;
+    let max_events = request.max_events.clamp(1, MAX_SERVED_EVENTS) as usize;
+    let max_bytes = request.max_bytes.clamp(1, MAX_SERVED_BYTES) as usize;
+    let page = match store
+        .pull_page(&request.space, request.have, max_events, max_bytes)
+        .await
+    {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(space = %request.space, "serving a pull failed: {e}");
+            return PullResponse::Refused {
+                reason: "the responder could not read its log".into(),
+            };
+        }
+    };
+    match store.version_vector(&request.space).await {
+        Ok(have) => PullResponse::Events {
+            events: page.events,
+            done: page.done,
+            have,
+        },
+        Err(e) => PullResponse::Refused {
+            reason: format!("the responder could not read its version vector: {e}"),
+        },
+    }
+}
+
+/// Starts a pull of `space` from `peer` unless one is already running.
+fn spawn_pull(
+    node: &Node,
+    peer: PeerId,
+    space: SpaceName,
+    in_flight: &InFlight,
+    config: &SyncConfig,
+) {
+    {
+        let mut set = in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        if !set.insert((peer, space.clone())) {
+            return;
+        }
+    }
+    let node = node.clone();
+    let in_flight = in_flight.clone();
+    let config = config.clone();
+    tokio::spawn(async move {
+        let key = (peer, space.clone());
+        let result = pull(&node, peer, &space, &config).await;
+        in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
+        match result {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(%peer, %space, events = n, "pulled"),
+            Err(e) => tracing::debug!(%peer, %space, "pull ended: {e}"),
+        }
+    });
+}
+
+/// Pulls page by page until the peer is done or a page brings nothing new. Returns
+/// the number of events applied.
+async fn pull(
+    node: &Node,
+    peer: PeerId,
+    space: &SpaceName,
+    config: &SyncConfig,
+) -> Result<usize, String> {
+    let mut applied = 0;
+    for _ in 0..config.max_pages {
+        let have = node
+            .inner
+            .store
+            .version_vector(space)
+            .await
+            .map_err(|e| e.to_string())?;
+        let request = PullRequest {
+            space: space.clone(),
+            have,
+            max_events: config.page_events,
+            max_bytes: config.page_bytes,
+        };
+        let response = node
+            .inner
+            .net
+            .pull(peer, request)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (events, done) = match response {
+            PullResponse::Events { events, done, .. } => (events, done),
+            PullResponse::Refused { reason } => return Err(format!("refused: {reason}")),
+        };
+        if events.is_empty() {
+            return Ok(applied);
+        }
+        let outcome = node
+            .inner
+            .store
+            .ingest(space, events)
+            .await
+            .map_err(|e| match e {
+                StoreError::Rejected { id, reason } => {
+                    tracing::warn!(%peer, %space, event = %id, "rejected pulled page: {reason}");
+                    format!("page rejected: {reason}")
+                }
+                other => other.to_string(),
+            })?;
+        applied += outcome.applied.len();
+        if done || outcome.applied.is_empty() {
+            return Ok(applied);
+        }
+    }
+    Ok(applied)
+}

@@ -1,0 +1,67 @@
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use thiserror::Error;
+use weft_crdt::{EventError, EventId, NodeId};
+
+/// Why a store operation failed.
+///
+/// `Invalid` and `Rejected` are the caller's or the sender's fault and leave the store
+/// untouched; the others are failures of the machine or of the data directory.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// A local write breaks a rule of [`weft_crdt::check_write_fields`]; nothing was
+    /// stored and no seq was consumed.
+    #[error("invalid write: {0}")]
+    Invalid(EventError),
+    /// An ingested batch holds an event that is malformed, not signed by its origin, or
+    /// does not link to its origin's previous event. The whole batch was refused.
+    #[error("event {id} rejected: {reason}")]
+    Rejected {
+        /// The first bad event of the batch.
+        id: EventId,
+        /// What is wrong with it.
+        reason: EventError,
+    },
+    /// LMDB failed. Shared (`Arc`) because one failed commit answers every command of
+    /// its batch.
+    #[error("LMDB: {0}")]
+    Lmdb(#[source] Arc<heed::Error>),
+    /// The data directory could not be created or read.
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    /// Stored bytes that do not decode, or indexes that contradict each other.
+    #[error("corrupt store: {0}")]
+    Corrupt(String),
+    /// The data directory belongs to another node: its events were signed with another
+    /// key, so writing with this one would start a second, unrelated sequence.
+    #[error("data directory belongs to node {stored}, not to {given}")]
+    IdentityMismatch {
+        /// The node recorded in the directory.
+        stored: NodeId,
+        /// The node of the key passed to [`crate::Store::open`].
+        given: NodeId,
+    },
+    /// This process already has the directory open; LMDB allows one environment per
+    /// path and process.
+    #[error("data directory {0} is already open in this process")]
+    AlreadyOpen(PathBuf),
+    /// The writer thread is gone (the store is shutting down or it panicked).
+    #[error("the store's writer has stopped")]
+    Closed,
+    /// A blocking task of the store panicked or was cancelled by runtime shutdown.
+    #[error("background task failed: {0}")]
+    Task(String),
+}
+
+impl From<heed::Error> for StoreError {
+    fn from(e: heed::Error) -> Self {
+        StoreError::Lmdb(Arc::new(e))
+    }
+}
+
+impl From<tokio::task::JoinError> for StoreError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        StoreError::Task(e.to_string())
+    }
+}
