@@ -39,6 +39,9 @@ fn lww_key(e: &Event) -> (crate::Hlc, crate::NodeId) {
 
 /// Last-writer-wins: of concurrent events, the one with the greatest `(hlc, origin)`
 /// decides; if it is a delete, the key reads as absent.
+///
+/// **Put vs delete:** a put and a delete that are concurrent are ordered like any two
+/// writes, by `(hlc, origin)`, and the later one wins.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LastWriterWins;
 
@@ -59,6 +62,9 @@ impl Resolver for LastWriterWins {
 /// them all supersedes them. A put concurrent with a delete survives; the key reads as
 /// absent only when every frontier event is a delete. `value` is the sibling
 /// last-writer-wins would pick, for readers that want one value.
+///
+/// **Put vs delete:** a put concurrent with a delete survives it, and the key reads as
+/// absent only when every concurrent write is a delete.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct MultiValue;
 
@@ -78,6 +84,58 @@ impl Resolver for MultiValue {
             value,
             siblings: if puts.len() > 1 { puts } else { Vec::new() },
         }
+    }
+}
+
+type ResolveFn = dyn for<'a> Fn(&[&'a Event]) -> Resolution<'a> + Send + Sync;
+
+/// A [`Resolver`] made of a closure, for an application that embeds weft and decides
+/// conflicts its own way. The closure is held to the [`Resolver`] contract: the same
+/// frontier, in any order, must give the same resolution.
+///
+/// **Put vs delete:** whatever the closure decides; it should state the rule in one
+/// sentence as the built-in resolvers do.
+#[derive(Clone)]
+pub struct FnResolver {
+    name: String,
+    version: u32,
+    resolve: Arc<ResolveFn>,
+}
+
+impl FnResolver {
+    /// A resolver named `name` (recorded per space and compared between peers, with
+    /// `version`) that resolves a non-empty frontier with `resolve`.
+    pub fn new(
+        name: impl Into<String>,
+        version: u32,
+        resolve: impl for<'a> Fn(&[&'a Event]) -> Resolution<'a> + Send + Sync + 'static,
+    ) -> Self {
+        FnResolver {
+            name: name.into(),
+            version,
+            resolve: Arc::new(resolve),
+        }
+    }
+}
+
+impl fmt::Debug for FnResolver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FnResolver")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Resolver for FnResolver {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn version(&self) -> u32 {
+        self.version
+    }
+    fn resolve<'a>(&self, frontier: &[&'a Event]) -> Resolution<'a> {
+        (self.resolve)(frontier)
     }
 }
 
@@ -170,6 +228,21 @@ mod tests {
         assert_eq!(r.siblings, vec![&b, &a]);
         assert_eq!(r.value, Some(&a));
         assert_eq!(MultiValue.resolve(&[&d]).value, None);
+    }
+
+    #[test]
+    fn fn_resolver_runs_its_closure() {
+        // Smallest origin wins: a rule no built-in resolver has.
+        let r = FnResolver::new("first-origin", 3, |f| Resolution {
+            value: f.iter().copied().min_by_key(|e| e.origin),
+            siblings: Vec::new(),
+        });
+        let a = ev(1, 10, Op::Put);
+        let b = ev(2, 20, Op::Put);
+        let want = if a.origin < b.origin { &a } else { &b };
+        assert_eq!(r.resolve(&[&a, &b]).value, Some(want));
+        assert_eq!((r.name(), r.version()), ("first-origin", 3));
+        assert!(format!("{r:?}").contains("first-origin"));
     }
 
     #[test]

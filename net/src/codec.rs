@@ -123,6 +123,10 @@ mod tests {
             have: VersionVector::new(),
             max_events: 10,
             max_bytes: 4096,
+            policy: weft_crdt::PolicyIdentity {
+                name: "lww".into(),
+                version: 1,
+            },
         };
         let mut buf = Vec::new();
         block_on(codec.write_request(&SYNC_PROTOCOL, &mut buf, request.clone())).unwrap();

@@ -5,9 +5,10 @@
 //! both versions, so mixed-version meshes fail loudly instead of misreading each other.
 //!
 //! ```text
-//! PullRequest            [1, space, have, max_events, max_bytes]
-//! PullResponse::Events   [1, 0, [event, ...], done, have]
-//! PullResponse::Refused  [1, 1, reason]
+//! PullRequest                [1, space, have, max_events, max_bytes, [policy, version]]
+//! PullResponse::Events       [1, 0, [event, ...], done, have]
+//! PullResponse::Refused      [1, 1, reason]
+//! PullResponse::Incompatible [1, 2, [policy, version]]
 //! ```
 //!
 //! Decoding checks the size limit before parsing and validates the structure of every
@@ -19,13 +20,14 @@ use serde::de::{self, IgnoredAny, SeqAccess, Visitor};
 use serde::ser::SerializeTuple;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use thiserror::Error;
-use weft_crdt::{Event, SpaceName, VersionVector};
+use weft_crdt::{Event, PolicyIdentity, SpaceName, VersionVector};
 
 /// The wire version of every `/weft/sync/1` message this build reads and writes.
 pub const SYNC_VERSION: u64 = 1;
 
 const TAG_EVENTS: u8 = 0;
 const TAG_REFUSED: u8 = 1;
+const TAG_INCOMPATIBLE: u8 = 2;
 
 /// Asks a peer for the events of `space` that `have` lacks.
 #[derive(Clone, Debug, PartialEq)]
@@ -38,6 +40,10 @@ pub struct PullRequest {
     pub max_events: u32,
     /// Most encoded event bytes the responder should put in one response.
     pub max_bytes: u32,
+    /// The requester's conflict policy for the space. Replicas with different policies
+    /// would read the same events differently, so the responder refuses to serve a
+    /// requester whose policy differs from its own.
+    pub policy: PolicyIdentity,
 }
 
 /// A peer's answer to a [`PullRequest`].
@@ -56,6 +62,12 @@ pub enum PullResponse {
     Refused {
         /// Why, for logs.
         reason: String,
+    },
+    /// The responder hosts the space with a different conflict policy: the two must
+    /// not exchange its events.
+    Incompatible {
+        /// The responder's policy for the space.
+        policy: PolicyIdentity,
     },
 }
 
@@ -190,12 +202,13 @@ fn no_trailing<'de, A: SeqAccess<'de>>(seq: &mut A) -> Result<(), A::Error> {
 
 impl Serialize for PullRequest {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut t = s.serialize_tuple(5)?;
+        let mut t = s.serialize_tuple(6)?;
         t.serialize_element(&SYNC_VERSION)?;
         t.serialize_element(&self.space)?;
         t.serialize_element(&self.have)?;
         t.serialize_element(&self.max_events)?;
         t.serialize_element(&self.max_bytes)?;
+        t.serialize_element(&(&self.policy.name, self.policy.version))?;
         t.end()
     }
 }
@@ -206,7 +219,9 @@ impl<'de> Deserialize<'de> for PullRequest {
         impl<'de> Visitor<'de> for V {
             type Value = PullRequest;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a pull request array [version, space, have, max_events, max_bytes]")
+                f.write_str(
+                    "a pull request array [version, space, have, max_events, max_bytes, policy]",
+                )
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<PullRequest, A::Error> {
                 check_version(&mut seq)?;
@@ -215,6 +230,10 @@ impl<'de> Deserialize<'de> for PullRequest {
                     have: field(&mut seq, "have")?,
                     max_events: field(&mut seq, "max_events")?,
                     max_bytes: field(&mut seq, "max_bytes")?,
+                    policy: {
+                        let (name, version): (String, u32) = field(&mut seq, "policy")?;
+                        PolicyIdentity { name, version }
+                    },
                 };
                 no_trailing(&mut seq)?;
                 Ok(request)
@@ -243,6 +262,13 @@ impl Serialize for PullResponse {
                 t.serialize_element(reason)?;
                 t.end()
             }
+            PullResponse::Incompatible { policy } => {
+                let mut t = s.serialize_tuple(3)?;
+                t.serialize_element(&SYNC_VERSION)?;
+                t.serialize_element(&TAG_INCOMPATIBLE)?;
+                t.serialize_element(&(&policy.name, policy.version))?;
+                t.end()
+            }
         }
     }
 }
@@ -267,6 +293,12 @@ impl<'de> Deserialize<'de> for PullResponse {
                     TAG_REFUSED => PullResponse::Refused {
                         reason: field(&mut seq, "reason")?,
                     },
+                    TAG_INCOMPATIBLE => {
+                        let (name, version): (String, u32) = field(&mut seq, "policy")?;
+                        PullResponse::Incompatible {
+                            policy: PolicyIdentity { name, version },
+                        }
+                    }
                     other => {
                         return Err(de::Error::custom(format!(
                             "unknown pull response kind {other}"
@@ -322,6 +354,10 @@ pub(crate) mod tests {
             have,
             max_events: 500,
             max_bytes: 1 << 20,
+            policy: PolicyIdentity {
+                name: "lww".into(),
+                version: 1,
+            },
         }
     }
 
@@ -352,6 +388,12 @@ pub(crate) mod tests {
             },
             PullResponse::Refused {
                 reason: "unknown space".into(),
+            },
+            PullResponse::Incompatible {
+                policy: PolicyIdentity {
+                    name: "multi".into(),
+                    version: 2,
+                },
             },
         ] {
             let bytes = encode_response(&r, LIMIT).unwrap();
@@ -384,7 +426,15 @@ pub(crate) mod tests {
         let r = request();
         let mut bytes = Vec::new();
         ciborium::into_writer(
-            &(1u64, &r.space, &r.have, r.max_events, r.max_bytes, 0u8),
+            &(
+                1u64,
+                &r.space,
+                &r.have,
+                r.max_events,
+                r.max_bytes,
+                (&r.policy.name, r.policy.version),
+                0u8,
+            ),
             &mut bytes,
         )
         .unwrap();

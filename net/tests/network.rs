@@ -108,6 +108,10 @@ fn pull_request() -> PullRequest {
         have: VersionVector::new(),
         max_events: 100,
         max_bytes: 1 << 20,
+        policy: weft_crdt::PolicyIdentity {
+            name: "lww".into(),
+            version: 1,
+        },
     }
 }
 

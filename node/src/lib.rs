@@ -27,8 +27,12 @@ mod sync;
 
 pub use api::serve as serve_api;
 pub use error::NodeError;
-pub use node::{Node, NodeBuilder, NodeStatus, Record, SpaceStatus, WriteRequest, Written};
+pub use node::{
+    Conflict, Node, NodeBuilder, NodeStatus, Record, SpaceStatus, WriteRequest, Written,
+};
 pub use payload::Payload;
-pub use weft_crdt::{EventId, NodeId, Op, ResolverKind, SpaceName};
+pub use weft_crdt::{
+    EventId, Merge, NodeId, Op, Policy, PolicyIdentity, PolicyKind, Resolver, SpaceName,
+};
 pub use weft_net::{Multiaddr, PeerId};
 pub use weft_store::Applied;

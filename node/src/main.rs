@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
-use weft_node::{Multiaddr, NodeBuilder, ResolverKind, SpaceName};
+use weft_node::{Multiaddr, NodeBuilder, PolicyKind, SpaceName};
 
 #[derive(Parser)]
 #[command(name = "weft", version, about = "A peer-to-peer replication node")]
@@ -51,9 +51,10 @@ enum Command {
         /// Address of the HTTP API.
         #[arg(long, default_value = "127.0.0.1:7700")]
         api: SocketAddr,
-        /// Conflict resolver: lww (last writer wins) or multi (keep concurrent values).
+        /// Conflict policy of the spaces: lww (last writer wins), multi (keep concurrent
+        /// values), counter, set (add-wins) or json (merged field by field).
         #[arg(long, default_value = "lww")]
-        resolver: ResolverKind,
+        resolver: PolicyKind,
     },
     /// Appends a put; prints the event id. VALUE is JSON if it parses as JSON, else a string.
     Put {
@@ -177,7 +178,7 @@ async fn run(
     bootstrap: Vec<Multiaddr>,
     mdns: bool,
     api: SocketAddr,
-    resolver: ResolverKind,
+    resolver: PolicyKind,
 ) -> Result<ExitCode> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -418,11 +419,23 @@ async fn status(client: &Client, as_json: bool) -> Result<ExitCode> {
     match body.get("spaces").and_then(|s| s.get(space)) {
         Some(s) => {
             let n = |k: &str| s.get(k).and_then(Value::as_u64).unwrap_or(0);
+            let text = |k: &str| s.get(k).and_then(Value::as_str).unwrap_or("?").to_owned();
             println!(
-                "space {space}: {} events, {} pending",
+                "space {space} (resolver {}): {} events, {} pending, {} conflicts",
+                text("resolver"),
                 n("events"),
-                n("pending")
+                n("pending"),
+                n("conflicts")
             );
+            println!("digest {}", text("digest"));
+            if let Some(refused) = s.get("incompatible_peers").and_then(Value::as_object) {
+                for (peer, policy) in refused {
+                    println!(
+                        "refusing peer {peer}: it uses resolver {} for this space",
+                        policy.as_str().unwrap_or("?")
+                    );
+                }
+            }
             println!("version vector:");
             if let Some(vv) = s.get("version_vector").and_then(Value::as_object) {
                 for (origin, seq) in vv {

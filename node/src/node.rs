@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::StreamExt;
 use weft_crdt::{
-    EventId, NodeId, Op, Resolver, ResolverKind, SpaceName, VectorClock, VersionVector,
+    EventId, Merge, NodeId, Op, Policy, PolicyKind, Resolver, SpaceName, VectorClock, VersionVector,
 };
 use weft_net::{Multiaddr, NetClient, NetConfig, PeerId};
 use weft_store::{Applied, Store, StoreConfig, Write};
@@ -32,16 +32,11 @@ pub struct NodeBuilder {
     listen: Vec<Multiaddr>,
     bootstrap: Vec<Multiaddr>,
     mdns: bool,
-    resolver: ResolverChoice,
+    policy: Policy,
+    space_policies: BTreeMap<SpaceName, Policy>,
     api: Option<SocketAddr>,
     sync: SyncConfig,
     store: StoreConfig,
-}
-
-#[derive(Debug, Clone)]
-enum ResolverChoice {
-    Kind(ResolverKind),
-    Custom(Arc<dyn Resolver>),
 }
 
 impl NodeBuilder {
@@ -55,7 +50,8 @@ impl NodeBuilder {
             listen: Vec::new(),
             bootstrap: Vec::new(),
             mdns: true,
-            resolver: ResolverChoice::Kind(ResolverKind::Lww),
+            policy: PolicyKind::Lww.policy(),
+            space_policies: BTreeMap::new(),
             api: None,
             sync: SyncConfig::default(),
             store: StoreConfig::default(),
@@ -86,15 +82,31 @@ impl NodeBuilder {
         self
     }
 
-    /// Chooses a built-in conflict resolver for every space (default last-writer-wins).
-    pub fn resolver(mut self, kind: ResolverKind) -> Self {
-        self.resolver = ResolverChoice::Kind(kind);
+    /// Chooses a built-in policy (resolver or mergeable value type) for every space
+    /// without one of its own (default last-writer-wins).
+    pub fn resolver(mut self, kind: PolicyKind) -> Self {
+        self.policy = kind.policy();
         self
     }
 
-    /// Uses an application's own resolver for every space.
+    /// Uses an application's own resolver for every space without a policy of its own.
     pub fn custom_resolver(mut self, resolver: Arc<dyn Resolver>) -> Self {
-        self.resolver = ResolverChoice::Custom(resolver);
+        self.policy = Policy::Resolve(resolver);
+        self
+    }
+
+    /// Uses an application's own merge function for every space without a policy of
+    /// its own.
+    pub fn merge(mut self, merge: Arc<dyn Merge>) -> Self {
+        self.policy = Policy::Merge(merge);
+        self
+    }
+
+    /// Hosts `space` with its own policy. A space keeps the policy it was created with:
+    /// starting on a data directory that recorded another one is refused.
+    pub fn space_policy(mut self, space: SpaceName, policy: Policy) -> Self {
+        self.spaces.insert(space.clone());
+        self.space_policies.insert(space, policy);
         self
     }
 
@@ -129,6 +141,16 @@ impl NodeBuilder {
             self.spaces
         };
         let store = Store::open(&self.data_dir.join("log"), key.clone(), self.store)?;
+        let mut policies = BTreeMap::new();
+        for space in &spaces {
+            let policy = self
+                .space_policies
+                .get(space)
+                .cloned()
+                .unwrap_or_else(|| self.policy.clone());
+            store.configure_space(space, policy.clone()).await?;
+            policies.insert(space.clone(), policy);
+        }
 
         let mut net_config = NetConfig::new(key);
         if !self.listen.is_empty() {
@@ -141,18 +163,14 @@ impl NodeBuilder {
         let listen = net.wait_listening(Duration::from_secs(10)).await?;
         tracing::debug!(?listen, "network listening");
 
-        let resolver = match self.resolver {
-            ResolverChoice::Kind(k) => k.resolver(),
-            ResolverChoice::Custom(r) => r,
-        };
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let (publish_tx, publish_rx) = mpsc::channel(self.sync.publish_queue);
         let inner = Arc::new(Inner {
             node_id: store.node_id(),
             store,
             net,
-            spaces,
-            resolver,
+            policies,
+            peer_spaces: Default::default(),
             publish: publish_tx,
             shutdown: shutdown_tx,
             tasks: std::sync::Mutex::new(Vec::new()),
@@ -191,8 +209,8 @@ pub(crate) struct Inner {
     pub(crate) node_id: NodeId,
     pub(crate) store: Store,
     pub(crate) net: NetClient,
-    pub(crate) spaces: BTreeSet<SpaceName>,
-    pub(crate) resolver: Arc<dyn Resolver>,
+    pub(crate) policies: BTreeMap<SpaceName, Policy>,
+    pub(crate) peer_spaces: sync::InFlight,
     publish: mpsc::Sender<Applied>,
     shutdown: watch::Sender<bool>,
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
@@ -252,6 +270,19 @@ pub struct Record {
     pub frontier: Vec<EventId>,
 }
 
+/// A notification that a key has concurrent values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conflict {
+    /// The space.
+    pub space: SpaceName,
+    /// The key in conflict.
+    pub key: String,
+    /// The event whose application made (or extended) the conflict.
+    pub event: EventId,
+    /// Its local position.
+    pub lsn: u64,
+}
+
 /// A snapshot of a node for `weft status` and `/status`.
 #[derive(Debug, Clone, Serialize)]
 pub struct NodeStatus {
@@ -276,6 +307,16 @@ pub struct SpaceStatus {
     pub pending: u64,
     /// Local position of the latest applied event.
     pub last_lsn: u64,
+    /// Keys whose frontier holds concurrent events.
+    pub conflicts: u64,
+    /// The space's conflict policy, as `name/version`.
+    pub resolver: String,
+    /// Hex blake3 digest of the version vector and the resolved state: equal on two
+    /// replicas exactly when they hold the same events.
+    pub digest: String,
+    /// Peers this node refuses to exchange the space with because they use another
+    /// policy for it: peer id -> their policy.
+    pub incompatible_peers: BTreeMap<String, String>,
 }
 
 pub(crate) fn clock_json(clock: &VectorClock) -> BTreeMap<String, u64> {
@@ -308,7 +349,12 @@ impl Node {
 
     /// The spaces this node hosts.
     pub fn spaces(&self) -> impl Iterator<Item = &SpaceName> {
-        self.inner.spaces.iter()
+        self.inner.policies.keys()
+    }
+
+    /// The conflict policy of a hosted space.
+    pub fn policy(&self, space: &SpaceName) -> Option<&Policy> {
+        self.inner.policies.get(space)
     }
 
     /// The addresses the node listens on.
@@ -321,12 +367,11 @@ impl Node {
         Ok(self.inner.net.dial(addr).await?)
     }
 
-    pub(crate) fn check_space(&self, space: &SpaceName) -> Result<(), NodeError> {
-        if self.inner.spaces.contains(space) {
-            Ok(())
-        } else {
-            Err(NodeError::UnknownSpace(space.clone()))
-        }
+    pub(crate) fn check_space(&self, space: &SpaceName) -> Result<&Policy, NodeError> {
+        self.inner
+            .policies
+            .get(space)
+            .ok_or_else(|| NodeError::UnknownSpace(space.clone()))
     }
 
     /// Appends a write; returns once it is durable. It is gossiped to peers right after.
@@ -405,7 +450,7 @@ impl Node {
     /// Reads `key` as the space's resolver decides; `None` when it has no value (never
     /// written, or deleted).
     pub async fn get(&self, space: &SpaceName, key: &str) -> Result<Option<Record>, NodeError> {
-        self.check_space(space)?;
+        let policy = self.check_space(space)?;
         let frontier = self
             .inner
             .store
@@ -415,25 +460,55 @@ impl Node {
         if frontier.is_empty() {
             return Ok(None);
         }
-        let refs: Vec<_> = frontier.iter().collect();
-        let resolution = self.inner.resolver.resolve(&refs);
-        let Some(winner) = resolution.value else {
-            return Ok(None);
-        };
         let mut clock = VectorClock::new();
         for e in &frontier {
             clock.merge(&e.clock);
         }
+        let frontier_ids = frontier.iter().map(|e| e.id()).collect();
+        let (value, siblings) = match policy {
+            Policy::Resolve(resolver) => {
+                let refs: Vec<_> = frontier.iter().collect();
+                let resolution = resolver.resolve(&refs);
+                let Some(winner) = resolution.value else {
+                    return Ok(None);
+                };
+                (
+                    Payload(winner.payload.clone()),
+                    resolution
+                        .siblings
+                        .iter()
+                        .map(|e| Payload(e.payload.clone()))
+                        .collect(),
+                )
+            }
+            Policy::Merge(merge) => {
+                let Some(state) = self
+                    .inner
+                    .store
+                    .merged_state(space, key)
+                    .await
+                    .map_err(store_error)?
+                else {
+                    return Ok(None);
+                };
+                match merge.read(&state) {
+                    Ok(Some(v)) => (Payload(v), Vec::new()),
+                    Ok(None) => return Ok(None),
+                    Err(e) => {
+                        return Err(NodeError::Invalid(format!(
+                            "the stored state of {key:?} cannot be read by the {} merge: {e}",
+                            merge.name()
+                        )))
+                    }
+                }
+            }
+        };
         Ok(Some(Record {
             key: key.to_owned(),
-            value: Payload(winner.payload.clone()),
-            siblings: resolution
-                .siblings
-                .iter()
-                .map(|e| Payload(e.payload.clone()))
-                .collect(),
+            value,
+            siblings,
             clock,
-            frontier: frontier.iter().map(|e| e.id()).collect(),
+            frontier: frontier_ids,
         }))
     }
 
@@ -450,6 +525,26 @@ impl Node {
             .events_since(space, after, limit)
             .await
             .map_err(store_error)
+    }
+
+    /// Every conflict from now on in `space`: an applied event that left its key with
+    /// several concurrent events in its frontier. Reads show the siblings (multi-value)
+    /// or the resolver's pick.
+    pub fn conflicts(&self, space: &SpaceName) -> impl Stream<Item = Conflict> + Send + 'static {
+        let space = space.clone();
+        BroadcastStream::new(self.inner.store.subscribe()).filter_map(move |r| match r {
+            Ok(a) if a.space == space && a.conflict => Some(Conflict {
+                space: a.space.clone(),
+                key: a.event.key.clone(),
+                event: a.event.id(),
+                lsn: a.lsn,
+            }),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!("conflict subscriber lagged: {e}");
+                None
+            }
+        })
     }
 
     /// Every event applied from now on in `space` (local writes and replicated ones),
@@ -480,11 +575,21 @@ impl Node {
             .map_err(store_error)
     }
 
+    fn incompatible_peers(&self, space: &SpaceName) -> BTreeMap<String, String> {
+        lock_unpoisoned(&self.inner.peer_spaces)
+            .incompatible
+            .iter()
+            .filter(|((_, s), _)| s == space)
+            .map(|((p, _), policy)| (p.to_string(), policy.to_string()))
+            .collect()
+    }
+
     /// Node id, listen addresses, peers and per-space counts.
     pub async fn status(&self) -> Result<NodeStatus, NodeError> {
         let mut spaces = BTreeMap::new();
-        for s in &self.inner.spaces {
+        for (s, policy) in &self.inner.policies {
             let st = self.inner.store.stats(s).await.map_err(store_error)?;
+            let digest = self.inner.store.digest(s).await.map_err(store_error)?;
             spaces.insert(
                 s.to_string(),
                 SpaceStatus {
@@ -492,6 +597,10 @@ impl Node {
                     events: st.events,
                     pending: st.pending,
                     last_lsn: st.last_lsn,
+                    conflicts: st.conflicts,
+                    resolver: policy.identity().to_string(),
+                    digest: digest.iter().map(|b| format!("{b:02x}")).collect(),
+                    incompatible_peers: self.incompatible_peers(s),
                 },
             );
         }

@@ -16,14 +16,18 @@
 //!   a random peer (anti-entropy, with jitter).
 //! - Local writes reach this loop through the publish queue and go out as gossip,
 //!   batched when they arrive faster than the swarm takes them.
+//! - Every pull carries the space's policy identity. Peers whose policy differs are
+//!   refused in both directions with a clear error, and gossip for a space is only taken
+//!   from peers a pull exchange has shown to be compatible; until then the pull that
+//!   checks compatibility also fetches what the gossip carried.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::Rng;
 use tokio::sync::{mpsc, watch};
-use weft_crdt::SpaceName;
+use weft_crdt::{PolicyIdentity, SpaceName};
 use weft_net::{NetEvent, PeerId, PullRequest, PullResponse, Verdict};
 use weft_store::{Applied, StoreError};
 
@@ -66,7 +70,32 @@ impl Default for SyncConfig {
 const MAX_SERVED_EVENTS: u32 = 10_000;
 const MAX_SERVED_BYTES: u32 = 8 * 1024 * 1024;
 
-type InFlight = Arc<Mutex<HashSet<(PeerId, SpaceName)>>>;
+/// What the loop knows about each (peer, space) pair.
+#[derive(Default)]
+pub(crate) struct PeerSpaces {
+    in_flight: HashSet<(PeerId, SpaceName)>,
+    compatible: HashSet<(PeerId, SpaceName)>,
+    /// Peers refused for a space, with the policy they use there.
+    pub(crate) incompatible: HashMap<(PeerId, SpaceName), PolicyIdentity>,
+}
+
+pub(crate) type InFlight = Arc<Mutex<PeerSpaces>>;
+
+fn lock(state: &InFlight) -> std::sync::MutexGuard<'_, PeerSpaces> {
+    state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn refuse_message(
+    peer: &PeerId,
+    space: &SpaceName,
+    theirs: &PolicyIdentity,
+    ours: &PolicyIdentity,
+) -> String {
+    format!(
+        "peer {peer} hosts space {space} with resolver {theirs} but this node uses {ours}: \
+         refusing to exchange its events (they would resolve conflicts differently)"
+    )
+}
 
 pub(crate) async fn run(
     node: Node,
@@ -75,7 +104,7 @@ pub(crate) async fn run(
     mut shutdown: watch::Receiver<bool>,
     config: SyncConfig,
 ) {
-    let in_flight: InFlight = Arc::default();
+    let in_flight: InFlight = node.inner.peer_spaces.clone();
     let mut anti_entropy = tokio::time::interval(jittered(config.anti_entropy));
     anti_entropy.tick().await;
     loop {
@@ -94,7 +123,7 @@ pub(crate) async fn run(
                 match node.inner.net.connected_peers().await {
                     Ok(peers) if !peers.is_empty() => {
                         let peer = peers[rand::thread_rng().gen_range(0..peers.len())];
-                        for space in node.inner.spaces.iter().cloned() {
+                        for space in node.inner.policies.keys().cloned() {
                             spawn_pull(&node, peer, space, &in_flight, &config);
                         }
                     }
@@ -146,13 +175,18 @@ fn handle(node: &Node, ev: NetEvent, in_flight: &InFlight, config: &SyncConfig) 
         NetEvent::Listening { addr } => tracing::info!(%addr, "listening"),
         NetEvent::PeerConnected { peer } => {
             tracing::info!(%peer, "peer connected");
-            for space in node.inner.spaces.iter().cloned() {
+            for space in node.inner.policies.keys().cloned() {
                 spawn_pull(node, peer, space, in_flight, config);
             }
         }
-        NetEvent::PeerDisconnected { peer } => tracing::info!(%peer, "peer disconnected"),
+        NetEvent::PeerDisconnected { peer } => {
+            tracing::info!(%peer, "peer disconnected");
+            let mut st = lock(in_flight);
+            st.compatible.retain(|(p, _)| *p != peer);
+            st.incompatible.retain(|(p, _), _| *p != peer);
+        }
         NetEvent::PeerSubscribed { peer, space } => {
-            if node.inner.spaces.contains(&space) {
+            if node.inner.policies.contains_key(&space) {
                 spawn_pull(node, peer, space, in_flight, config);
             }
         }
@@ -166,7 +200,14 @@ fn handle(node: &Node, ev: NetEvent, in_flight: &InFlight, config: &SyncConfig) 
             let in_flight = in_flight.clone();
             let config = config.clone();
             tokio::spawn(async move {
-                let verdict = if !node.inner.spaces.contains(&space) {
+                let pair = (source, space.clone());
+                let compatible = lock(&in_flight).compatible.contains(&pair);
+                let verdict = if !node.inner.policies.contains_key(&space) {
+                    Verdict::Ignore
+                } else if !compatible {
+                    // Not yet known to share our policy: the pull checks that and
+                    // fetches these events if it does.
+                    spawn_pull(&node, source, space.clone(), &in_flight, &config);
                     Verdict::Ignore
                 } else {
                     match node.inner.store.ingest(&space, events).await {
@@ -202,8 +243,9 @@ fn handle(node: &Node, ev: NetEvent, in_flight: &InFlight, config: &SyncConfig) 
             reply,
         } => {
             let node = node.clone();
+            let in_flight = in_flight.clone();
             tokio::spawn(async move {
-                let response = serve_pull(&node, request).await;
+                let response = serve_pull(&node, peer, request, &in_flight).await;
                 if let PullResponse::Refused { reason } = &response {
                     tracing::debug!(%peer, "refused pull: {reason}");
                 }
@@ -213,11 +255,33 @@ fn handle(node: &Node, ev: NetEvent, in_flight: &InFlight, config: &SyncConfig) 
     }
 }
 
-async fn serve_pull(node: &Node, request: PullRequest) -> PullResponse {
-    if !node.inner.spaces.contains(&request.space) {
+async fn serve_pull(
+    node: &Node,
+    peer: PeerId,
+    request: PullRequest,
+    state: &InFlight,
+) -> PullResponse {
+    let Some(policy) = node.inner.policies.get(&request.space) else {
         return PullResponse::Refused {
             reason: format!("space {} is not hosted here", request.space),
         };
+    };
+    let ours = policy.identity();
+    let pair = (peer, request.space.clone());
+    if request.policy != ours {
+        tracing::error!(
+            "{}",
+            refuse_message(&peer, &request.space, &request.policy, &ours)
+        );
+        let mut st = lock(state);
+        st.compatible.remove(&pair);
+        st.incompatible.insert(pair, request.policy.clone());
+        return PullResponse::Incompatible { policy: ours };
+    }
+    {
+        let mut st = lock(state);
+        st.incompatible.remove(&pair);
+        st.compatible.insert(pair);
     }
     let store = &node.inner.store;
     let max_events = request.max_events.clamp(1, MAX_SERVED_EVENTS) as usize;
@@ -255,8 +319,9 @@ fn spawn_pull(
     config: &SyncConfig,
 ) {
     {
-        let mut set = in_flight.lock().unwrap_or_else(|p| p.into_inner());
-        if !set.insert((peer, space.clone())) {
+        let mut st = lock(in_flight);
+        let pair = (peer, space.clone());
+        if st.incompatible.contains_key(&pair) || !st.in_flight.insert(pair) {
             return;
         }
     }
@@ -265,11 +330,8 @@ fn spawn_pull(
     let config = config.clone();
     tokio::spawn(async move {
         let key = (peer, space.clone());
-        let result = pull(&node, peer, &space, &config).await;
-        in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&key);
+        let result = pull(&node, peer, &space, &in_flight, &config).await;
+        lock(&in_flight).in_flight.remove(&key);
         match result {
             Ok(0) => {}
             Ok(n) => tracing::info!(%peer, %space, events = n, "pulled"),
@@ -284,8 +346,14 @@ async fn pull(
     node: &Node,
     peer: PeerId,
     space: &SpaceName,
+    state: &InFlight,
     config: &SyncConfig,
 ) -> Result<usize, String> {
+    let Some(policy) = node.inner.policies.get(space) else {
+        return Err(format!("space {space} is not hosted here"));
+    };
+    let ours = policy.identity();
+    let pair = (peer, space.clone());
     let mut applied = 0;
     for _ in 0..config.max_pages {
         let have = node
@@ -299,6 +367,7 @@ async fn pull(
             have,
             max_events: config.page_events,
             max_bytes: config.page_bytes,
+            policy: ours.clone(),
         };
         let response = node
             .inner
@@ -309,7 +378,20 @@ async fn pull(
         let (events, done) = match response {
             PullResponse::Events { events, done, .. } => (events, done),
             PullResponse::Refused { reason } => return Err(format!("refused: {reason}")),
+            PullResponse::Incompatible { policy } => {
+                let msg = refuse_message(&peer, space, &policy, &ours);
+                tracing::error!("{msg}");
+                let mut st = lock(state);
+                st.compatible.remove(&pair);
+                st.incompatible.insert(pair, policy);
+                return Err(msg);
+            }
         };
+        {
+            let mut st = lock(state);
+            st.incompatible.remove(&pair);
+            st.compatible.insert(pair.clone());
+        }
         if events.is_empty() {
             return Ok(applied);
         }

@@ -2,7 +2,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use thiserror::Error;
-use weft_crdt::{EventError, EventId, NodeId};
+use weft_crdt::{EventError, EventId, NodeId, PolicyIdentity, SpaceName};
 
 /// Why a store operation failed.
 ///
@@ -10,8 +10,9 @@ use weft_crdt::{EventError, EventId, NodeId};
 /// untouched; the others are failures of the machine or of the data directory.
 #[derive(Debug, Error)]
 pub enum StoreError {
-    /// A local write breaks a rule of [`weft_crdt::check_write_fields`]; nothing was
-    /// stored and no seq was consumed.
+    /// A local write breaks a rule of [`weft_crdt::check_write_fields`], or (in a merge
+    /// space) its payload is refused by the space's [`weft_crdt::Merge::check`] (as
+    /// [`EventError::Malformed`]); nothing was stored and no seq was consumed.
     #[error("invalid write: {0}")]
     Invalid(EventError),
     /// An ingested batch holds an event that is malformed, not signed by its origin, or
@@ -46,6 +47,27 @@ pub enum StoreError {
     /// path and process.
     #[error("data directory {0} is already open in this process")]
     AlreadyOpen(PathBuf),
+    /// The space was created with another conflict policy. Replicas that decide
+    /// conflicts differently would never converge, so the store keeps the first one.
+    #[error("space {space} was created with resolver {stored}; this node is configured with {given}. Every replica of a space must use the same resolver: run with `--resolver {}` or use another space", stored.name)]
+    PolicyMismatch {
+        /// The space.
+        space: SpaceName,
+        /// The policy recorded on the space's first configuration.
+        stored: PolicyIdentity,
+        /// The policy passed to [`crate::Store::configure_space`].
+        given: PolicyIdentity,
+    },
+    /// The space records a merge policy but this process has not passed its `Merge` to
+    /// [`crate::Store::configure_space`]. Applying events without it would leave the
+    /// space's merged state behind for good, so nothing is applied.
+    #[error("space {space} uses merge {stored}, which this process has not configured; call configure_space first")]
+    PolicyNotConfigured {
+        /// The space.
+        space: SpaceName,
+        /// The policy recorded for it.
+        stored: PolicyIdentity,
+    },
     /// The writer thread is gone (the store is shutting down or it panicked).
     #[error("the store's writer has stopped")]
     Closed,

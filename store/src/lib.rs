@@ -2,14 +2,19 @@
 //!
 //! A [`Store`] holds every space of one node in one LMDB environment: the applied
 //! events in local (lsn) order, which is causal order; per space the version vector;
-//! per key the frontier; and the pending set of remote events that arrived before their
-//! causes. Local writes ([`Store::append`]) and remote events ([`Store::ingest`]) go to
+//! per key the frontier (and, in spaces whose policy is a merge, the merged state); and
+//! the pending set of remote events that arrived before their causes. Local writes ([`Store::append`]) and remote events ([`Store::ingest`]) go to
 //! a single writer thread that group-commits them (see `writer.rs`); reads run on
 //! blocking threads with their own read transactions.
 //!
 //! Architecture invariant: this crate knows no network. It trusts nothing it is given
 //! by `ingest` — every event is validated, signature-checked and hash-chain-checked here
 //! — and it answers a write only once it is durable.
+//!
+//! Policies: [`Store::configure_space`] gives a space its conflict [`Policy`] and records
+//! the policy's identity on first use, refusing a different one later. A space never
+//! configured is a plain resolver space: its events are logged and its frontiers kept,
+//! and reads decide conflicts with whatever resolver the reader uses.
 //!
 //! Durability: every commit uses LMDB's default synchronous mode, so an answered
 //! `append` or `ingest` survives `kill -9` and power loss. A data directory must be
@@ -22,17 +27,21 @@ mod verify;
 mod writer;
 
 use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::thread::JoinHandle;
 
 use heed::{Env, EnvOpenOptions, RoTxn, WithoutTls};
 use tokio::sync::{broadcast, mpsc, oneshot};
-use weft_crdt::{Event, Hlc, NodeId, Op, SigningKey, SpaceName, VersionVector};
+use weft_crdt::{
+    Event, Hlc, NodeId, Op, Policy, PolicyIdentity, SigningKey, SpaceName, VersionVector,
+};
 
 pub use crate::error::StoreError;
 use crate::tables::{
-    Tables, FORMAT_VERSION, MAX_DBS, MAX_TABLE_KEY, META_FORMAT, META_HLC, META_NODE_ID,
+    space_meta_key, Tables, FORMAT_VERSION, MAX_DBS, MAX_TABLE_KEY, META_FORMAT, META_HLC,
+    META_NODE_ID, SPACE_CONFLICTS,
 };
 use crate::writer::{Command, Writer};
 
@@ -116,6 +125,10 @@ pub struct Applied {
     pub lsn: u64,
     /// The event.
     pub event: Event,
+    /// True when, right after this event was applied, its key's frontier held more
+    /// than one event: concurrent writes the space's policy has to decide between.
+    /// Recorded with the event, so [`Store::events_since`] reports it too.
+    pub conflict: bool,
 }
 
 /// What [`Store::ingest`] did with a batch.
@@ -151,6 +164,8 @@ pub struct SpaceStats {
     pub pending: u64,
     /// Highest contiguous seq applied per origin.
     pub version_vector: VersionVector,
+    /// Keys whose frontier holds more than one event (unresolved concurrent writes).
+    pub conflicts: u64,
 }
 
 /// Handle to a node's durable log. Cheap to clone; all clones share one writer thread,
@@ -168,6 +183,9 @@ struct Inner {
     commands: Option<mpsc::Sender<Command>>,
     applied_tx: broadcast::Sender<Arc<Applied>>,
     writer: Option<JoinHandle<()>>,
+    /// The policies `configure_space` registered, for readers (see [`Store::policy`]).
+    /// The writer keeps its own copy; this one is updated after the writer accepted.
+    policies: RwLock<HashMap<SpaceName, Policy>>,
 }
 
 impl Drop for Inner {
@@ -249,6 +267,7 @@ impl Store {
                 commands: Some(tx),
                 applied_tx,
                 writer: Some(handle),
+                policies: RwLock::new(HashMap::new()),
             }),
         })
     }
@@ -282,6 +301,99 @@ impl Store {
         })
         .await?;
         answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Gives `space` its conflict policy, creating the space if needed; call it before
+    /// appending to or ingesting into the space.
+    ///
+    /// The first configuration records the policy's identity (name and version) in the
+    /// store; later ones, in this or any later process, must give the same identity or
+    /// fail with [`StoreError::PolicyMismatch`] and change nothing, because replicas
+    /// deciding conflicts differently never converge. For a [`Policy::Merge`], every
+    /// event applied from now on is folded into its key's state in the same write
+    /// transaction (see [`Store::merged_state`]); a space that already has events when
+    /// first configured with a merge has its log folded once, in lsn order.
+    ///
+    /// A space whose recorded policy is a merge refuses appends and ingests with
+    /// [`StoreError::PolicyNotConfigured`] until this process configures it.
+    pub async fn configure_space(
+        &self,
+        space: &SpaceName,
+        policy: Policy,
+    ) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Configure {
+            space: space.clone(),
+            policy: policy.clone(),
+            reply,
+        })
+        .await?;
+        answer.await.map_err(|_| StoreError::Closed)??;
+        self.inner
+            .policies
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(space.clone(), policy);
+        Ok(())
+    }
+
+    /// The policy this process configured for `space`, if any.
+    pub fn policy(&self, space: &SpaceName) -> Option<Policy> {
+        self.inner
+            .policies
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(space)
+            .cloned()
+    }
+
+    /// The policy identity recorded for `space` on its first configuration; `None` for
+    /// a space never configured (by any process on this data directory).
+    pub async fn policy_identity(
+        &self,
+        space: &SpaceName,
+    ) -> Result<Option<PolicyIdentity>, StoreError> {
+        self.read(space, None, |t, txn, sid| {
+            Ok(t.stored_policy(txn, sid)?.map(|p| p.identity))
+        })
+        .await
+    }
+
+    /// The merged state of `key` in a merge space: the raw bytes the space's
+    /// [`weft_crdt::Merge`] produced (turn them into a value with `Merge::read`).
+    /// `None` when the key has no state: never written, or not a merge space.
+    pub async fn merged_state(
+        &self,
+        space: &SpaceName,
+        key: &str,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = key.to_owned();
+        self.read(space, None, move |t, txn, sid| {
+            Ok(t.state(txn, sid, key.as_bytes())?.map(<[u8]>::to_vec))
+        })
+        .await
+    }
+
+    /// A blake3 digest of the space's replicated state: its version vector and, for
+    /// every key in key order, the key, the ids of its frontier and (in merge spaces)
+    /// its state bytes.
+    ///
+    /// Frontiers and merged states depend only on the set of applied events, so two
+    /// replicas that applied the same events have equal digests whatever the order;
+    /// comparing digests checks convergence. Pending events are not included. Reads
+    /// every key of the space (in one read transaction on a blocking thread).
+    pub async fn digest(&self, space: &SpaceName) -> Result<[u8; 32], StoreError> {
+        self.read(space, digest_of(VersionVector::new(), []), |t, txn, sid| {
+            let vv = t.version_vector(txn, sid)?;
+            let mut keys = Vec::new();
+            for entry in t.frontiers(txn, sid)? {
+                let (key, frontier) = entry?;
+                let state = t.state(txn, sid, key)?;
+                keys.push((key, frontier, state));
+            }
+            Ok(digest_of(vv, keys))
+        })
+        .await
     }
 
     /// Takes in events from a peer, all or nothing.
@@ -343,10 +455,12 @@ impl Store {
             };
             for entry in t.events_from(txn, sid, from)?.take(limit) {
                 let (lsn, bytes) = entry?;
+                let event = tables::decode_event(bytes, format_args!("event at lsn {lsn}"))?;
                 out.push(Applied {
                     space: name.clone(),
                     lsn,
-                    event: tables::decode_event(bytes, format_args!("event at lsn {lsn}"))?,
+                    conflict: t.history_conflict(txn, sid, &event.key, lsn)?,
+                    event,
                 });
             }
             Ok(out)
@@ -431,6 +545,7 @@ impl Store {
                 last_lsn,
                 pending: t.pending_count(txn, sid)?,
                 version_vector: t.version_vector(txn, sid)?,
+                conflicts: t.conflicts(txn, sid)?,
             })
         })
         .await
@@ -476,7 +591,9 @@ fn init_meta(env: &Env<WithoutTls>, tables: &Tables, node_id: NodeId) -> Result<
     match tables.meta.get(&txn, META_FORMAT)? {
         Some(b) => {
             let found = tables::be_u32(b, "format version")?;
-            if found != FORMAT_VERSION {
+            if found == 1 {
+                upgrade_from_layout_1(&mut txn, tables)?;
+            } else if found != FORMAT_VERSION {
                 return Err(StoreError::Corrupt(format!(
                     "data directory has layout version {found}; this build reads version {FORMAT_VERSION}"
                 )));
@@ -509,6 +626,63 @@ fn init_meta(env: &Env<WithoutTls>, tables: &Tables, node_id: NodeId) -> Result<
     };
     txn.commit()?;
     Ok(hlc)
+}
+
+/// Layout 1 lacked the conflict counters (the new tables are created empty by
+/// `Tables::create`, which is right: no space had a policy or merge state). Counts each
+/// space's conflicted keys once, in the open's write transaction.
+fn upgrade_from_layout_1(txn: &mut heed::RwTxn, tables: &Tables) -> Result<(), StoreError> {
+    let mut counts = Vec::new();
+    for (_, sid) in tables.all_spaces(txn)? {
+        counts.push((sid, tables.count_conflicts(txn, sid)?));
+    }
+    for (sid, n) in counts {
+        tables
+            .space_meta
+            .put(txn, &space_meta_key(sid, SPACE_CONFLICTS), &n.to_be_bytes())?;
+    }
+    tables
+        .meta
+        .put(txn, META_FORMAT, &FORMAT_VERSION.to_be_bytes())?;
+    tracing::info!("upgraded the data directory to layout version {FORMAT_VERSION}");
+    Ok(())
+}
+
+/// The digest [`Store::digest`] returns. Every variable-length part is length-prefixed
+/// and every count given, so no two different states hash the same input.
+fn digest_of<'a>(
+    vv: VersionVector,
+    keys: impl IntoIterator<Item = (&'a [u8], weft_crdt::Frontier, Option<&'a [u8]>)>,
+) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(b"weft/space-digest/1");
+    h.update(&(vv.len() as u64).to_be_bytes());
+    // Sorted by origin (a BTreeMap underneath), so equal vectors hash equally.
+    for (origin, seq) in vv.iter() {
+        h.update(origin.as_bytes());
+        h.update(&seq.to_be_bytes());
+    }
+    for (key, frontier, state) in keys {
+        h.update(b"k");
+        h.update(&(key.len() as u64).to_be_bytes());
+        h.update(key);
+        h.update(&(frontier.ids().len() as u64).to_be_bytes());
+        for id in frontier.ids() {
+            h.update(id.origin.as_bytes());
+            h.update(&id.seq.to_be_bytes());
+        }
+        match state {
+            Some(s) => {
+                h.update(&[1]);
+                h.update(&(s.len() as u64).to_be_bytes());
+                h.update(s);
+            }
+            None => {
+                h.update(&[0]);
+            }
+        }
+    }
+    *h.finalize().as_bytes()
 }
 
 #[cfg(test)]

@@ -11,10 +11,21 @@
 //! | `meta`     | `format`, `node_id`, `hlc`           | u32 / 32 bytes / u64           |
 //! | `events`   | sid, lsn (u64)                       | canonical CBOR event           |
 //! | `by_id`    | sid, origin (32 B), seq (u64)        | lsn (u64), event hash (32 B)   |
-//! | `by_key`   | sid, record key, 0x00, lsn (u64)     | empty (the key's history)      |
+//! | `by_key`   | sid, record key, 0x00, lsn (u64)     | flags (u8) or empty, see below |
 //! | `frontier` | sid, record key                      | CBOR [`Frontier`]              |
 //! | `vv`       | sid, origin (32 B)                   | highest contiguous seq (u64)   |
 //! | `pending`  | sid, origin (32 B), seq (u64)        | canonical CBOR event           |
+//! | `state`    | sid, record key                      | merge state (the `Merge`'s own bytes) |
+//! | `space_meta` | sid, `policy` / `conflicts`        | CBOR [`StoredPolicy`] / u64    |
+//!
+//! A `by_key` value is empty or one byte of flags; [`HISTORY_CONFLICT`] says the key's
+//! frontier held more than one event right after this event was applied, so
+//! `events_since` can report `Applied::conflict` for old events too. (Layout 1 wrote
+//! only empty values, which read as "no flags".)
+//!
+//! `state` has entries only in spaces whose policy is a merge. `space_meta/conflicts`
+//! is the number of the space's keys whose frontier holds more than one event; absent
+//! means 0. `space_meta/policy` is written on the space's first configuration.
 //!
 //! Record keys never contain control characters ([`weft_crdt::check_write_fields`]),
 //! so the 0x00 after the key in `by_key` cannot be part of it: one key's history never
@@ -24,7 +35,7 @@ use std::ops::Bound;
 
 use heed::types::Bytes;
 use heed::{CommitOrAbort, Database, Env, RoTxn, WithoutTls};
-use weft_crdt::{Event, EventHash, EventId, Frontier, NodeId, VersionVector};
+use weft_crdt::{Event, EventHash, EventId, Frontier, NodeId, PolicyIdentity, VersionVector};
 
 use crate::StoreError;
 
@@ -34,11 +45,22 @@ pub(crate) type SpaceId = u32;
 
 /// Version of this layout, recorded in `meta` so a future layout can refuse or migrate
 /// an old directory instead of misreading it.
-pub(crate) const FORMAT_VERSION: u32 = 1;
+///
+/// 2 added `state`, `space_meta` and the `by_key` flags. A layout-1 directory is
+/// upgraded on open (its conflict counters are computed once from `frontier`); a
+/// layout-2 directory is refused by older builds, which would not keep the counters.
+pub(crate) const FORMAT_VERSION: u32 = 2;
 
 pub(crate) const META_FORMAT: &[u8] = b"format";
 pub(crate) const META_NODE_ID: &[u8] = b"node_id";
 pub(crate) const META_HLC: &[u8] = b"hlc";
+
+/// `space_meta` fields, after the 4-byte space id.
+pub(crate) const SPACE_POLICY: &[u8] = b"policy";
+pub(crate) const SPACE_CONFLICTS: &[u8] = b"conflicts";
+
+/// `by_key` value flag: the key was in conflict right after this event was applied.
+pub(crate) const HISTORY_CONFLICT: u8 = 1;
 
 /// Longest key any table uses: a `by_key` entry for a key of the maximum length.
 pub(crate) const MAX_TABLE_KEY: usize = 4 + weft_crdt::limits::MAX_KEY_BYTES + 1 + 8;
@@ -59,6 +81,17 @@ pub(crate) struct Tables {
     pub frontier: Table,
     pub vv: Table,
     pub pending: Table,
+    pub state: Table,
+    pub space_meta: Table,
+}
+
+/// The `space_meta/policy` value: the identity every replica must share, and whether
+/// it is a merge, so that the writer can refuse to apply events to a merge space whose
+/// `Merge` this process was not given (its state would silently fall behind).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct StoredPolicy {
+    pub identity: PolicyIdentity,
+    pub merge: bool,
 }
 
 /// The `by_id` value: where an event sits in the log and its hash, so the hash chain
@@ -146,6 +179,13 @@ pub(crate) fn frontier_key(sid: SpaceId, key: &str) -> Vec<u8> {
     k
 }
 
+pub(crate) fn space_meta_key(sid: SpaceId, field: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(4 + field.len());
+    k.extend_from_slice(&sid.to_be_bytes());
+    k.extend_from_slice(field);
+    k
+}
+
 pub(crate) fn history_key(sid: SpaceId, key: &str, lsn: u64) -> Vec<u8> {
     let mut k = Vec::with_capacity(4 + key.len() + 9);
     k.extend_from_slice(&sid.to_be_bytes());
@@ -163,11 +203,19 @@ pub(crate) fn decode_event(
 }
 
 pub(crate) fn encode_frontier(f: &Frontier) -> Vec<u8> {
-    let mut out = Vec::with_capacity(8 + 44 * f.ids().len());
+    encode_cbor(f, 8 + 44 * f.ids().len())
+}
+
+pub(crate) fn encode_cbor(value: &impl serde::Serialize, capacity: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(capacity);
     // Writing CBOR into a Vec cannot fail.
-    ciborium::into_writer(f, &mut out)
+    ciborium::into_writer(value, &mut out)
         .unwrap_or_else(|e| unreachable!("CBOR encoding into a Vec failed: {e}"));
     out
+}
+
+fn decode_frontier(b: &[u8], what: impl std::fmt::Display) -> Result<Frontier, StoreError> {
+    ciborium::from_reader(b).map_err(|e| StoreError::Corrupt(format!("frontier of {what}: {e}")))
 }
 
 impl Tables {
@@ -185,10 +233,12 @@ impl Tables {
                 t("frontier")?,
                 t("vv")?,
                 t("pending")?,
+                t("state")?,
+                t("space_meta")?,
             );
             Ok::<_, heed::Error>(CommitOrAbort::<_, ()>::Commit(all))
         })?;
-        let (spaces, meta, events, by_id, by_key, frontier, vv, pending) = made
+        let (spaces, meta, events, by_id, by_key, frontier, vv, pending, state, space_meta) = made
             .commit()
             .ok_or_else(|| StoreError::Corrupt("creating the tables was aborted".into()))?;
         Ok(Tables {
@@ -200,6 +250,8 @@ impl Tables {
             frontier,
             vv,
             pending,
+            state,
+            space_meta,
         })
     }
 
@@ -260,10 +312,89 @@ impl Tables {
 
     pub fn frontier(&self, txn: &RoTxn, sid: SpaceId, key: &str) -> Result<Frontier, StoreError> {
         match self.frontier.get(txn, &frontier_key(sid, key))? {
-            Some(b) => ciborium::from_reader(b)
-                .map_err(|e| StoreError::Corrupt(format!("frontier of {key:?}: {e}"))),
+            Some(b) => decode_frontier(b, format_args!("{key:?}")),
             None => Ok(Frontier::new()),
         }
+    }
+
+    /// Every key of the space with its frontier, in key (byte) order.
+    pub fn frontiers<'t>(
+        &self,
+        txn: &'t RoTxn,
+        sid: SpaceId,
+    ) -> Result<impl Iterator<Item = Result<(&'t [u8], Frontier), StoreError>> + 't, StoreError>
+    {
+        let iter = self.frontier.prefix_iter(txn, &sid.to_be_bytes())?;
+        Ok(iter.map(|entry| {
+            let (k, v) = entry?;
+            let key = &k[4..];
+            let frontier = decode_frontier(v, format_args!("{:?}", String::from_utf8_lossy(key)))?;
+            Ok((key, frontier))
+        }))
+    }
+
+    /// The merge state of `key` (only merge spaces have any).
+    pub fn state<'t>(
+        &self,
+        txn: &'t RoTxn,
+        sid: SpaceId,
+        key: &[u8],
+    ) -> Result<Option<&'t [u8]>, StoreError> {
+        let mut k = Vec::with_capacity(4 + key.len());
+        k.extend_from_slice(&sid.to_be_bytes());
+        k.extend_from_slice(key);
+        Ok(self.state.get(txn, &k)?)
+    }
+
+    /// The policy recorded on the space's first configuration.
+    pub fn stored_policy(
+        &self,
+        txn: &RoTxn,
+        sid: SpaceId,
+    ) -> Result<Option<StoredPolicy>, StoreError> {
+        self.space_meta
+            .get(txn, &space_meta_key(sid, SPACE_POLICY))?
+            .map(|b| {
+                ciborium::from_reader(b)
+                    .map_err(|e| StoreError::Corrupt(format!("stored policy: {e}")))
+            })
+            .transpose()
+    }
+
+    /// Keys of the space whose frontier holds more than one event.
+    pub fn conflicts(&self, txn: &RoTxn, sid: SpaceId) -> Result<u64, StoreError> {
+        self.space_meta
+            .get(txn, &space_meta_key(sid, SPACE_CONFLICTS))?
+            .map_or(Ok(0), |b| be_u64(b, "conflict count"))
+    }
+
+    /// Counts the conflicted keys by reading every frontier: the upgrade from layout 1,
+    /// which kept no counter.
+    pub fn count_conflicts(&self, txn: &RoTxn, sid: SpaceId) -> Result<u64, StoreError> {
+        let mut n = 0;
+        for entry in self.frontiers(txn, sid)? {
+            if entry?.1.is_conflict() {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Whether the key was in conflict right after the event at `lsn` was applied.
+    pub fn history_conflict(
+        &self,
+        txn: &RoTxn,
+        sid: SpaceId,
+        key: &str,
+        lsn: u64,
+    ) -> Result<bool, StoreError> {
+        let flags = self
+            .by_key
+            .get(txn, &history_key(sid, key, lsn))?
+            .ok_or_else(|| {
+                StoreError::Corrupt(format!("event at lsn {lsn} missing from by_key"))
+            })?;
+        Ok(flags.first().is_some_and(|f| f & HISTORY_CONFLICT != 0))
     }
 
     /// The applied event with this id.

@@ -594,3 +594,473 @@ async fn a_far_future_hlc_from_a_peer_is_not_followed() {
         "local HLC stays near real time"
     );
 }
+
+// ---- Policies, merge state, conflicts and digests ----
+
+/// A test-only merge: a put's payload is a CBOR integer added to the key's total; a
+/// delete resets it. Independent of the built-in merges in `weft_crdt::merge`.
+#[derive(Debug)]
+struct Sum;
+
+fn cbor_int(n: i64) -> Vec<u8> {
+    let mut out = Vec::new();
+    ciborium::into_writer(&n, &mut out).unwrap();
+    out
+}
+
+fn int_of(bytes: &[u8]) -> Result<i64, weft_crdt::MergeError> {
+    ciborium::from_reader(bytes).map_err(|e| weft_crdt::MergeError(format!("not an integer: {e}")))
+}
+
+impl weft_crdt::Merge for Sum {
+    fn name(&self) -> &str {
+        "sum"
+    }
+    fn check(&self, op: Op, payload: &[u8]) -> Result<(), weft_crdt::MergeError> {
+        match op {
+            Op::Put => int_of(payload).map(|_| ()),
+            Op::Delete => Ok(()),
+        }
+    }
+    fn apply(&self, state: Option<&[u8]>, event: &Event) -> Result<Vec<u8>, weft_crdt::MergeError> {
+        let old = state.map(int_of).transpose()?.unwrap_or(0);
+        Ok(cbor_int(match event.op {
+            Op::Put => old + int_of(&event.payload)?,
+            Op::Delete => 0,
+        }))
+    }
+    fn read(&self, state: &[u8]) -> Result<Option<Vec<u8>>, weft_crdt::MergeError> {
+        Ok(Some(state.to_vec()))
+    }
+}
+
+/// Another merge, to have a second identity of the same kind.
+#[derive(Debug)]
+struct Sum2;
+
+impl weft_crdt::Merge for Sum2 {
+    fn name(&self) -> &str {
+        "sum"
+    }
+    fn version(&self) -> u32 {
+        2
+    }
+    fn check(&self, op: Op, payload: &[u8]) -> Result<(), weft_crdt::MergeError> {
+        Sum.check(op, payload)
+    }
+    fn apply(&self, state: Option<&[u8]>, event: &Event) -> Result<Vec<u8>, weft_crdt::MergeError> {
+        Sum.apply(state, event)
+    }
+    fn read(&self, state: &[u8]) -> Result<Option<Vec<u8>>, weft_crdt::MergeError> {
+        Sum.read(state)
+    }
+}
+
+fn sum() -> Policy {
+    Policy::Merge(Arc::new(Sum))
+}
+
+fn lww() -> Policy {
+    weft_crdt::PolicyKind::Lww.policy()
+}
+
+fn multi() -> Policy {
+    weft_crdt::PolicyKind::Multi.policy()
+}
+
+async fn add(store: &Store, k: &str, n: i64) -> Applied {
+    store
+        .append(&space(), Write::put(k, cbor_int(n)))
+        .await
+        .unwrap()
+}
+
+async fn total(store: &Store, k: &str) -> Option<i64> {
+    store
+        .merged_state(&space(), k)
+        .await
+        .unwrap()
+        .map(|b| int_of(&b).unwrap())
+}
+
+/// A correctly signed, chain-linked event of a foreign origin with the given payload.
+fn foreign_event(k: &SigningKey, seq: u64, prev: Option<EventHash>, payload: Vec<u8>) -> Event {
+    let origin = NodeId::of(k);
+    let mut clock = VectorClock::new();
+    clock.set(origin, seq);
+    UnsignedEvent {
+        origin,
+        seq,
+        clock,
+        hlc: Hlc::new(1_000 + seq, 0),
+        key: "n".into(),
+        op: Op::Put,
+        kind: String::new(),
+        payload,
+        meta: BTreeMap::new(),
+        prev,
+    }
+    .sign(&space(), k)
+}
+
+#[tokio::test]
+async fn the_policy_identity_is_recorded_and_a_different_one_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open(&dir, 1);
+        assert_eq!(store.policy_identity(&space()).await.unwrap(), None);
+        assert!(store.policy(&space()).is_none());
+        store.configure_space(&space(), lww()).await.unwrap();
+        let lww_id = lww().identity();
+        assert_eq!(
+            store.policy_identity(&space()).await.unwrap(),
+            Some(lww_id.clone())
+        );
+        put(&store, "k", b"v").await;
+
+        let err = store
+            .configure_space(&space(), multi())
+            .await
+            .expect_err("a second policy was accepted");
+        match &err {
+            StoreError::PolicyMismatch {
+                space: s,
+                stored,
+                given,
+            } => {
+                assert_eq!(s, &space());
+                assert_eq!(stored, &lww_id);
+                assert_eq!(given, &multi().identity());
+            }
+            other => panic!("expected a policy mismatch, got {other}"),
+        }
+        assert!(
+            err.to_string().starts_with(
+                "space todo was created with resolver lww/1; this node is configured with multi/1"
+            ),
+            "{err}"
+        );
+        assert_eq!(
+            store.policy_identity(&space()).await.unwrap(),
+            Some(lww_id.clone()),
+            "nothing changed"
+        );
+        assert_eq!(store.policy(&space()).unwrap().identity(), lww_id);
+        assert_eq!(store.stats(&space()).await.unwrap().events, 1);
+        // The same identity again is fine (every restart does this).
+        store.configure_space(&space(), lww()).await.unwrap();
+    }
+
+    // The record survives a restart, and is checked against the next process's choice.
+    let store = open(&dir, 1);
+    assert_eq!(
+        store.policy_identity(&space()).await.unwrap(),
+        Some(lww().identity())
+    );
+    assert!(matches!(
+        store.configure_space(&space(), multi()).await,
+        Err(StoreError::PolicyMismatch { .. })
+    ));
+    // An unconfigured resolver space still takes writes, as before configuration existed.
+    put(&store, "k", b"w").await;
+
+    // A merge space refuses another merge, and keeps folding with its own.
+    let sums = SpaceName::new("sums").unwrap();
+    store.configure_space(&sums, sum()).await.unwrap();
+    assert!(matches!(
+        store
+            .configure_space(&sums, Policy::Merge(Arc::new(Sum2)))
+            .await,
+        Err(StoreError::PolicyMismatch { .. })
+    ));
+    store
+        .append(&sums, Write::put("n", cbor_int(5)))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.merged_state(&sums, "n").await.unwrap(),
+        Some(cbor_int(5))
+    );
+    drop(store);
+
+    // After a restart, a merge space takes no events until its merge is configured:
+    // applying them unfolded would leave its state behind for good.
+    let store = open(&dir, 1);
+    let refused = store.append(&sums, Write::put("n", cbor_int(1))).await;
+    assert!(
+        matches!(refused, Err(StoreError::PolicyNotConfigured { .. })),
+        "{refused:?}"
+    );
+    store.configure_space(&sums, sum()).await.unwrap();
+    store
+        .append(&sums, Write::put("n", cbor_int(1)))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.merged_state(&sums, "n").await.unwrap(),
+        Some(cbor_int(6))
+    );
+}
+
+#[tokio::test]
+async fn merge_state_is_folded_on_append_and_on_ingest() {
+    let (_da, a) = fresh(1);
+    let (_db, b) = fresh(2);
+    for s in [&a, &b] {
+        s.configure_space(&space(), sum()).await.unwrap();
+    }
+    add(&a, "n", 1).await;
+    add(&a, "n", 2).await;
+    add(&a, "m", 10).await;
+    let last = add(&a, "n", 3).await;
+    assert_eq!(total(&a, "n").await, Some(6));
+    assert_eq!(total(&a, "m").await, Some(10));
+    assert_eq!(total(&a, "never").await, None);
+    assert!(!last.conflict);
+
+    // Out of order: the first three are parked, then released by the fourth's cause.
+    let e = all_events(&a).await;
+    let out = b.ingest(&space(), e[1..].to_vec()).await.unwrap();
+    assert_eq!((out.applied.len(), out.parked), (0, 3));
+    assert_eq!(total(&b, "n").await, None, "parked events are not folded");
+    let out = b.ingest(&space(), vec![e[0].clone()]).await.unwrap();
+    assert_eq!(out.applied.len(), 4, "released events are applied too");
+    assert_eq!(total(&b, "n").await, Some(6));
+    assert_eq!(total(&b, "m").await, Some(10));
+
+    // A remote event the merge refuses is applied to the log (the origin's chain goes
+    // on) but leaves the state as it was.
+    let k = key(9);
+    let bad = foreign_event(&k, 1, None, b"not cbor".to_vec());
+    let good = foreign_event(&k, 2, Some(bad.hash()), cbor_int(100));
+    let out = b.ingest(&space(), vec![bad, good]).await.unwrap();
+    assert_eq!(out.applied.len(), 2);
+    assert_eq!(total(&b, "n").await, Some(106));
+    assert_eq!(
+        b.version_vector(&space())
+            .await
+            .unwrap()
+            .get(&NodeId::of(&k)),
+        2
+    );
+
+    // A space that had events before its first configuration has its log folded.
+    let (_dc, c) = fresh(3);
+    c.ingest(&space(), e.clone()).await.unwrap();
+    assert_eq!(total(&c, "n").await, None, "no merge before configuration");
+    c.configure_space(&space(), sum()).await.unwrap();
+    assert_eq!(total(&c, "n").await, Some(6));
+    assert_eq!(
+        a.digest(&space()).await.unwrap(),
+        c.digest(&space()).await.unwrap()
+    );
+}
+
+#[tokio::test]
+async fn an_invalid_merge_payload_on_append_stores_nothing() {
+    let (_dir, store) = fresh(1);
+    store.configure_space(&space(), sum()).await.unwrap();
+    let refused = store
+        .append(&space(), Write::put("n", b"not an integer".to_vec()))
+        .await;
+    match refused {
+        Err(StoreError::Invalid(EventError::Malformed(msg))) => {
+            assert!(msg.contains("sum/1"), "{msg}")
+        }
+        other => panic!("expected an invalid write, got {other:?}"),
+    }
+    let stats = store.stats(&space()).await.unwrap();
+    assert_eq!((stats.events, stats.pending), (0, 0));
+    assert!(stats.version_vector.is_empty());
+    assert_eq!(total(&store, "n").await, None);
+    let a = add(&store, "n", 4).await;
+    assert_eq!(
+        (a.event.seq, a.lsn),
+        (1, 1),
+        "the refused write used no seq"
+    );
+    assert_eq!(total(&store, "n").await, Some(4));
+    // Deletes carry no payload for the merge to check.
+    store.append(&space(), Write::delete("n")).await.unwrap();
+    assert_eq!(total(&store, "n").await, Some(0));
+}
+
+#[tokio::test]
+async fn conflicts_are_counted_and_flagged() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = open(&dir, 1);
+    let (_db, b) = fresh(2);
+    for s in [&a, &b] {
+        s.configure_space(&space(), multi()).await.unwrap();
+    }
+    let from_a = put(&a, "doc", b"a's").await;
+    let from_b = put(&b, "doc", b"b's").await;
+    put(&a, "other", b"x").await;
+    assert!(!from_a.conflict && !from_b.conflict);
+    assert_eq!(a.stats(&space()).await.unwrap().conflicts, 0);
+
+    let mut sub = a.subscribe();
+    let on_a = a
+        .ingest(&space(), vec![from_b.event.clone()])
+        .await
+        .unwrap();
+    let on_b = b
+        .ingest(&space(), vec![from_a.event.clone()])
+        .await
+        .unwrap();
+    assert!(on_a.applied[0].conflict && on_b.applied[0].conflict);
+    assert!(
+        sub.recv().await.unwrap().conflict,
+        "broadcast carries the flag"
+    );
+    assert_eq!(a.stats(&space()).await.unwrap().conflicts, 1);
+    assert_eq!(b.stats(&space()).await.unwrap().conflicts, 1);
+
+    // A write that has seen both sides supersedes them, where it is written and where
+    // it is ingested.
+    let b2 = put(&b, "doc", b"b's again").await;
+    assert!(!b2.conflict);
+    assert_eq!(b.stats(&space()).await.unwrap().conflicts, 0);
+    let out = a.ingest(&space(), vec![b2.event.clone()]).await.unwrap();
+    assert!(!out.applied[0].conflict);
+    assert_eq!(a.stats(&space()).await.unwrap().conflicts, 0);
+
+    // Two keys in conflict count twice; resolving one leaves one.
+    let a3 = put(&a, "doc", b"a's again").await;
+    let b3 = put(&b, "doc", b"b's third").await;
+    let a4 = put(&a, "other", b"a").await;
+    let b4 = put(&b, "other", b"b").await;
+    a.ingest(&space(), vec![b3.event.clone(), b4.event.clone()])
+        .await
+        .unwrap();
+    // (b has not seen a's first write to "other" yet; a's log holds everything.)
+    let out = b.ingest(&space(), all_events(&a).await).await.unwrap();
+    assert!(out
+        .applied
+        .iter()
+        .any(|x| x.event == a3.event && x.conflict));
+    assert!(out
+        .applied
+        .iter()
+        .any(|x| x.event == a4.event && x.conflict));
+    assert_eq!(a.stats(&space()).await.unwrap().conflicts, 2);
+    assert_eq!(b.stats(&space()).await.unwrap().conflicts, 2);
+    let merged = put(&a, "doc", b"merged").await;
+    assert!(!merged.conflict);
+    assert_eq!(a.stats(&space()).await.unwrap().conflicts, 1);
+    let out = b
+        .ingest(&space(), vec![merged.event.clone()])
+        .await
+        .unwrap();
+    assert!(!out.applied[0].conflict);
+    assert_eq!(b.stats(&space()).await.unwrap().conflicts, 1);
+
+    // The flag is kept with each event, for readers catching up from the log.
+    let flags: Vec<bool> = a
+        .events_since(&space(), 0, usize::MAX)
+        .await
+        .unwrap()
+        .iter()
+        .map(|x| x.conflict)
+        .collect();
+    // a: doc, other, b's doc (conflict), b2, a3, a4, b3 (conflict), b4 (conflict), merged.
+    assert_eq!(
+        flags,
+        [false, false, true, false, false, false, true, true, false]
+    );
+
+    // The count is persisted.
+    drop(a);
+    let a = open(&dir, 1);
+    assert_eq!(a.stats(&space()).await.unwrap().conflicts, 1);
+}
+
+#[tokio::test]
+async fn a_layout_1_directory_is_upgraded_with_its_conflicts_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_db, b) = fresh(2);
+    {
+        let a = open(&dir, 1);
+        let from_a = put(&a, "doc", b"a").await;
+        let from_b = put(&b, "doc", b"b").await;
+        a.ingest(&space(), vec![from_b.event]).await.unwrap();
+        b.ingest(&space(), vec![from_a.event]).await.unwrap();
+        // Make it look like a directory written by layout 1: no counters.
+        let env = &a.inner.env;
+        let t = a.inner.tables;
+        let mut txn = env.write_txn().unwrap();
+        t.space_meta.clear(&mut txn).unwrap();
+        t.meta
+            .put(&mut txn, META_FORMAT, &1u32.to_be_bytes())
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let a = open(&dir, 1);
+    assert_eq!(a.stats(&space()).await.unwrap().conflicts, 1);
+    let merged = put(&a, "doc", b"merged").await;
+    assert!(!merged.conflict);
+    assert_eq!(a.stats(&space()).await.unwrap().conflicts, 0);
+}
+
+#[tokio::test]
+async fn digests_agree_exactly_when_the_same_events_are_applied() {
+    let (_da, a) = fresh(1);
+    let (_db, b) = fresh(2);
+    let (_dc, c) = fresh(3);
+    for s in [&a, &b, &c] {
+        s.configure_space(&space(), sum()).await.unwrap();
+    }
+    // Concurrent writes on shared and private keys, from three origins.
+    for i in 0..3 {
+        add(&a, "shared", i).await;
+        add(&b, "shared", 10 * i).await;
+        add(&c, &format!("c/{i}"), i).await;
+    }
+    add(&a, "a-only", 7).await;
+    let ea = all_events(&a).await;
+    let eb = all_events(&b).await;
+    let ec = all_events(&c).await;
+
+    // A: B's then C's, each as one batch. B: C's reversed, then A's one by one.
+    // C: everything in one reversed batch (applied via the pending set).
+    a.ingest(&space(), eb.clone()).await.unwrap();
+    a.ingest(&space(), ec.clone()).await.unwrap();
+    b.ingest(&space(), ec.iter().rev().cloned().collect())
+        .await
+        .unwrap();
+    for e in &ea {
+        b.ingest(&space(), vec![e.clone()]).await.unwrap();
+    }
+    let everything: Vec<Event> = ea.iter().chain(&eb).rev().cloned().collect();
+    c.ingest(&space(), everything).await.unwrap();
+
+    let da = a.digest(&space()).await.unwrap();
+    assert_eq!(da, b.digest(&space()).await.unwrap());
+    assert_eq!(da, c.digest(&space()).await.unwrap());
+    assert_eq!(total(&a, "shared").await, Some(3 + 30));
+    assert_eq!(total(&c, "shared").await, Some(3 + 30));
+    assert_eq!(a.stats(&space()).await.unwrap().conflicts, 1);
+    assert_eq!(c.stats(&space()).await.unwrap().conflicts, 1);
+
+    // One event less, and the digest differs.
+    let (_dd, d) = fresh(4);
+    d.configure_space(&space(), sum()).await.unwrap();
+    let mut all_but_last = all_events(&a).await;
+    all_but_last.pop();
+    d.ingest(&space(), all_but_last).await.unwrap();
+    assert_ne!(d.digest(&space()).await.unwrap(), da);
+
+    // A replica without merge state differs too: the state is part of the digest.
+    let (_de, e) = fresh(5);
+    e.ingest(&space(), all_events(&a).await).await.unwrap();
+    assert_ne!(e.digest(&space()).await.unwrap(), da);
+
+    // An unknown space has the digest of an empty one.
+    let never = SpaceName::new("never").unwrap();
+    let (_df, f) = fresh(6);
+    f.configure_space(&never, lww()).await.unwrap();
+    assert_eq!(
+        a.digest(&never).await.unwrap(),
+        f.digest(&never).await.unwrap()
+    );
+}

@@ -18,23 +18,30 @@
 //! command; if that commit fails, every command of the batch gets the error and the
 //! cache is reloaded from disk. No answer is sent before its data is durable.
 //!
+//! Policies: `Store::configure_space` registers a space's [`Policy`] here (the writer
+//! is the only code that applies events, so it is the one that must fold them into a
+//! merge space's state). Registrations live outside the per-space cache, because that
+//! cache is rebuilt from disk after a failed commit while the policies are not on disk
+//! (only their identities are); a failed command or batch puts them back by hand.
+//!
 //! Shutdown: when the last `Store` handle drops, the channel closes, the thread
 //! finishes its batch and exits; `Store`'s drop joins it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use heed::{Env, PutFlags, RwTxn, WithoutTls};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use weft_crdt::{
-    Event, EventError, EventHash, EventId, Hlc, HlcClock, NodeId, Readiness, SigningKey, SpaceName,
-    UnsignedEvent, VersionVector,
+    Event, EventError, EventHash, EventId, Hlc, HlcClock, Merge, NodeId, Policy, Readiness,
+    SigningKey, SpaceName, UnsignedEvent, VersionVector,
 };
 
 use crate::tables::{
-    decode_event, encode_frontier, event_key, frontier_key, history_key, id_key, origin_key,
-    IdEntry, SpaceId, Tables, META_HLC,
+    decode_event, encode_cbor, encode_frontier, event_key, frontier_key, history_key, id_key,
+    origin_key, space_meta_key, IdEntry, SpaceId, StoredPolicy, Tables, HISTORY_CONFLICT, META_HLC,
+    SPACE_CONFLICTS, SPACE_POLICY,
 };
 use crate::{Applied, IngestOutcome, StoreError, Write};
 
@@ -51,6 +58,21 @@ pub(crate) enum Command {
         events: Vec<Event>,
         reply: oneshot::Sender<Result<IngestOutcome, StoreError>>,
     },
+    Configure {
+        space: SpaceName,
+        policy: Policy,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+}
+
+impl Command {
+    fn space(&self) -> &SpaceName {
+        match self {
+            Command::Append { space, .. }
+            | Command::Ingest { space, .. }
+            | Command::Configure { space, .. } => space,
+        }
+    }
 }
 
 /// The writer's cached view of one space; always equal to what its committed (or
@@ -60,12 +82,17 @@ struct SpaceState {
     sid: SpaceId,
     vv: VersionVector,
     last_lsn: u64,
+    /// Keys whose frontier holds more than one event (`space_meta/conflicts`).
+    conflicts: u64,
+    /// `space_meta/policy`.
+    stored: Option<StoredPolicy>,
 }
 
 /// What a command produced, held until the batch commits.
 enum Done {
     Append(Box<Applied>),
     Ingest(IngestOutcome),
+    Configure,
 }
 
 pub(crate) struct Writer {
@@ -75,6 +102,9 @@ pub(crate) struct Writer {
     node_id: NodeId,
     hlc: HlcClock,
     spaces: HashMap<SpaceName, SpaceState>,
+    /// Policies registered by `configure_space` in this process. A space absent here
+    /// is applied without merge state (resolver semantics).
+    policies: HashMap<SpaceName, Policy>,
     /// Highest space id in use: its events are the last keys of the `events` table,
     /// so they can be written with `PutFlags::APPEND`.
     max_sid: SpaceId,
@@ -114,6 +144,7 @@ impl Writer {
             node_id,
             hlc: HlcClock::starting_after(hlc_last),
             spaces: HashMap::new(),
+            policies: HashMap::new(),
             max_sid: 0,
             max_batch: max_batch.max(1),
             applied_tx,
@@ -133,6 +164,8 @@ impl Writer {
                 sid,
                 vv: self.tables.version_vector(&txn, sid)?,
                 last_lsn: self.tables.last_lsn(&txn, sid)?,
+                conflicts: self.tables.conflicts(&txn, sid)?,
+                stored: self.tables.stored_policy(&txn, sid)?,
             };
             max_sid = max_sid.max(sid);
             spaces.insert(name, state);
@@ -170,6 +203,13 @@ impl Writer {
             }
         };
 
+        // Policies are not reloaded from disk, so a failed commit must restore them from
+        // here. Only batches that configure anything pay for the copy.
+        let policies_before = batch
+            .iter()
+            .any(|c| matches!(c, Command::Configure { .. }))
+            .then(|| self.policies.clone());
+
         let mut results = Vec::with_capacity(batch.len());
         for cmd in batch {
             let result = self.run_isolated(&env, &mut txn, &cmd);
@@ -200,6 +240,9 @@ impl Writer {
             if let Err(e) = self.reload() {
                 tracing::error!("store writer: reloading state after a failed commit: {e}");
             }
+            if let Some(p) = policies_before {
+                self.policies = p;
+            }
             return;
         }
 
@@ -207,7 +250,7 @@ impl Writer {
             match r {
                 Ok(Done::Append(a)) => self.broadcast(a),
                 Ok(Done::Ingest(o)) => o.applied.iter().for_each(|a| self.broadcast(a)),
-                Err(_) => {}
+                Ok(Done::Configure) | Err(_) => {}
             }
         }
         for (cmd, r) in results {
@@ -219,6 +262,9 @@ impl Writer {
                 }
                 (Command::Ingest { reply, .. }, Ok(Done::Ingest(o))) => {
                     let _ = reply.send(Ok(o));
+                }
+                (Command::Configure { reply, .. }, Ok(Done::Configure)) => {
+                    let _ = reply.send(Ok(()));
                 }
                 (cmd, Err(e)) => reply_err(cmd, e),
                 (cmd, Ok(_)) => reply_err(
@@ -242,10 +288,9 @@ impl Writer {
         parent: &mut RwTxn,
         cmd: &Command,
     ) -> Result<Done, StoreError> {
-        let space = match cmd {
-            Command::Append { space, .. } | Command::Ingest { space, .. } => space,
-        };
+        let space = cmd.space();
         let saved_space = self.spaces.get(space).cloned();
+        let saved_policy = self.policies.get(space).cloned();
         let saved_max_sid = self.max_sid;
         let mut txn = env.nested_write_txn(parent)?;
         let result = match cmd {
@@ -255,6 +300,9 @@ impl Writer {
             Command::Ingest { space, events, .. } => {
                 self.ingest(&mut txn, space, events).map(Done::Ingest)
             }
+            Command::Configure { space, policy, .. } => self
+                .configure(&mut txn, space, policy)
+                .map(|()| Done::Configure),
         };
         let result = result.and_then(|done| txn.commit().map(|()| done).map_err(Into::into));
         if result.is_err() {
@@ -263,6 +311,10 @@ impl Writer {
             match saved_space {
                 Some(s) => self.spaces.insert(space.clone(), s),
                 None => self.spaces.remove(space),
+            };
+            match saved_policy {
+                Some(p) => self.policies.insert(space.clone(), p),
+                None => self.policies.remove(space),
             };
             self.max_sid = saved_max_sid;
         }
@@ -290,6 +342,8 @@ impl Writer {
                 sid,
                 vv: VersionVector::new(),
                 last_lsn: 0,
+                conflicts: 0,
+                stored: None,
             },
         );
         self.max_sid = self.max_sid.max(sid);
@@ -302,6 +356,106 @@ impl Writer {
         })
     }
 
+    /// The merge function events of `space` are folded with, if its policy is a merge.
+    ///
+    /// A space whose recorded policy is a merge this process has not been given is
+    /// refused: applying events without folding them would leave its state behind on
+    /// this replica for good.
+    fn merge_for(&self, space: &SpaceName) -> Result<Option<Arc<dyn Merge>>, StoreError> {
+        match self.policies.get(space) {
+            Some(Policy::Merge(m)) => Ok(Some(m.clone())),
+            Some(Policy::Resolve(_)) => Ok(None),
+            None => match &self.state(space)?.stored {
+                Some(stored) if stored.merge => Err(StoreError::PolicyNotConfigured {
+                    space: space.clone(),
+                    stored: stored.identity.clone(),
+                }),
+                _ => Ok(None),
+            },
+        }
+    }
+
+    /// Registers `policy` for `space`, recording its identity on first configuration.
+    fn configure(
+        &mut self,
+        txn: &mut RwTxn,
+        space: &SpaceName,
+        policy: &Policy,
+    ) -> Result<(), StoreError> {
+        let sid = self.ensure_space(txn, space)?;
+        let given = StoredPolicy {
+            identity: policy.identity(),
+            merge: matches!(policy, Policy::Merge(_)),
+        };
+        match &self.state(space)?.stored {
+            // The `merge` flag is compared too: a resolver and a merge that happen to
+            // share a name and version still decide differently.
+            Some(stored) if *stored != given => {
+                return Err(StoreError::PolicyMismatch {
+                    space: space.clone(),
+                    stored: stored.identity.clone(),
+                    given: given.identity,
+                });
+            }
+            Some(_) => {}
+            None => {
+                if let Policy::Merge(m) = policy {
+                    self.fold_existing_log(txn, space, sid, m.as_ref())?;
+                }
+                self.tables.space_meta.put(
+                    txn,
+                    &space_meta_key(sid, SPACE_POLICY),
+                    &encode_cbor(&given, 32),
+                )?;
+                let state = self.state_mut(space)?;
+                state.stored = Some(given);
+            }
+        }
+        self.policies.insert(space.clone(), policy.clone());
+        Ok(())
+    }
+
+    /// Builds the merge state of a space that already has events when it is first
+    /// configured (for example it was created by an ingest before `configure_space`),
+    /// so its state is the same as on a replica configured from the start. Lsn order is
+    /// causal order, which is all `Merge::apply` needs.
+    fn fold_existing_log(
+        &self,
+        txn: &mut RwTxn,
+        space: &SpaceName,
+        sid: SpaceId,
+        merge: &dyn Merge,
+    ) -> Result<(), StoreError> {
+        // Folded in memory first: LMDB iterators borrow the txn, so nothing can be
+        // written while the log is being read.
+        let mut states: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        for entry in self.tables.events_from(txn, sid, 1)? {
+            let (lsn, bytes) = entry?;
+            let event = decode_event(bytes, format_args!("event at lsn {lsn}"))?;
+            match merge.apply(states.get(&event.key).map(Vec::as_slice), &event) {
+                Ok(new) => {
+                    states.insert(event.key.clone(), new);
+                }
+                Err(e) => tracing::warn!(
+                    space = %space, event = %event.id(), merge = %merge.name(),
+                    "merge refused an event; the key keeps its previous state: {e}"
+                ),
+            }
+        }
+        for (key, state) in states {
+            self.tables
+                .state
+                .put(txn, &frontier_key(sid, &key), &state)?;
+        }
+        Ok(())
+    }
+
+    fn state_mut(&mut self, space: &SpaceName) -> Result<&mut SpaceState, StoreError> {
+        self.spaces.get_mut(space).ok_or_else(|| {
+            StoreError::Corrupt(format!("space {space} missing from the writer's cache"))
+        })
+    }
+
     fn append(
         &mut self,
         txn: &mut RwTxn,
@@ -309,6 +463,13 @@ impl Writer {
         write: &Write,
     ) -> Result<Applied, StoreError> {
         let sid = self.ensure_space(txn, space)?;
+        let merge = self.merge_for(space)?;
+        if let Some(m) = &merge {
+            // Before the seq is taken and anything is signed: a value the merge cannot
+            // fold must not be replicated.
+            m.check(write.op, &write.payload)
+                .map_err(|e| invalid_value(m.as_ref(), &e))?;
+        }
         let state = self.state(space)?;
         let seq = state.vv.get(&self.node_id) + 1;
         let prev = if seq == 1 {
@@ -338,7 +499,7 @@ impl Writer {
         // Catches what the caller's fields alone cannot: a clock over its entry limit.
         event.validate().map_err(StoreError::Invalid)?;
         let hash = event.hash();
-        self.apply(txn, space, sid, event, hash)
+        self.apply(txn, space, sid, event, hash, merge.as_deref(), true)
     }
 
     fn ingest(
@@ -352,6 +513,7 @@ impl Writer {
             return Ok(out);
         }
         let sid = self.ensure_space(txn, space)?;
+        let merge = self.merge_for(space)?;
 
         // Apply what is ready, in as many passes as the batch's own order needs
         // (one pass for the usual causally ordered page).
@@ -372,8 +534,15 @@ impl Writer {
                         self.tables
                             .pending
                             .delete(txn, &id_key(sid, &e.origin, e.seq))?;
-                        out.applied
-                            .push(self.apply(txn, space, sid, e.clone(), hash)?);
+                        out.applied.push(self.apply(
+                            txn,
+                            space,
+                            sid,
+                            e.clone(),
+                            hash,
+                            merge.as_deref(),
+                            false,
+                        )?);
                         progress = true;
                     }
                 }
@@ -395,7 +564,7 @@ impl Writer {
         }
 
         if !out.applied.is_empty() {
-            self.release_pending(txn, space, sid, &mut parked, &mut out)?;
+            self.release_pending(txn, space, sid, merge.as_deref(), &mut parked, &mut out)?;
         }
         out.parked = parked.len();
         Ok(out)
@@ -411,6 +580,7 @@ impl Writer {
         txn: &mut RwTxn,
         space: &SpaceName,
         sid: SpaceId,
+        merge: Option<&dyn Merge>,
         parked: &mut HashSet<EventId>,
         out: &mut IngestOutcome,
     ) -> Result<(), StoreError> {
@@ -441,7 +611,8 @@ impl Writer {
                     }
                     parked.remove(&id);
                     let hash = event.hash();
-                    out.applied.push(self.apply(txn, space, sid, event, hash)?);
+                    out.applied
+                        .push(self.apply(txn, space, sid, event, hash, merge, false)?);
                     progress = true;
                 }
             }
@@ -484,6 +655,13 @@ impl Writer {
     }
 
     /// Writes a ready, checked event to every table and advances the cache.
+    ///
+    /// In a merge space the event is also folded into its key's state. If the merge
+    /// refuses a remote event, the key keeps its old state and the event is still
+    /// applied: the refusal is deterministic, so every replica does the same, and the
+    /// origin's later events (which chain onto this one) are not blocked. A refused
+    /// local event fails instead, and nothing of it is kept.
+    #[allow(clippy::too_many_arguments)]
     fn apply(
         &mut self,
         txn: &mut RwTxn,
@@ -491,9 +669,22 @@ impl Writer {
         sid: SpaceId,
         event: Event,
         hash: EventHash,
+        merge: Option<&dyn Merge>,
+        local: bool,
     ) -> Result<Applied, StoreError> {
         let t = self.tables;
         let lsn = self.state(space)?.last_lsn + 1;
+        let key = frontier_key(sid, &event.key);
+        if let Some(m) = merge {
+            match m.apply(t.state.get(txn, &key)?, &event) {
+                Ok(new) => t.state.put(txn, &key, &new)?,
+                Err(e) if local => return Err(invalid_value(m, &e)),
+                Err(e) => tracing::warn!(
+                    space = %space, event = %event.id(), merge = %m.name(),
+                    "merge refused a remote event; the key keeps its previous state: {e}"
+                ),
+            }
+        }
         // APPEND fails on a key that is not past the table's end, so it too refuses
         // to overwrite.
         let flags = if sid == self.max_sid {
@@ -509,14 +700,27 @@ impl Writer {
             &id_key(sid, &event.origin, event.seq),
             &IdEntry { lsn, hash }.to_bytes(),
         )?;
-        t.by_key.put(txn, &history_key(sid, &event.key, lsn), &[])?;
         let mut frontier = t.frontier(txn, sid, &event.key)?;
+        let was_conflict = frontier.is_conflict();
         frontier.apply(&event);
-        t.frontier.put(
-            txn,
-            &frontier_key(sid, &event.key),
-            &encode_frontier(&frontier),
-        )?;
+        let conflict = frontier.is_conflict();
+        t.frontier.put(txn, &key, &encode_frontier(&frontier))?;
+        let flags: &[u8] = if conflict { &[HISTORY_CONFLICT] } else { &[] };
+        t.by_key
+            .put(txn, &history_key(sid, &event.key, lsn), flags)?;
+        let mut conflicts = self.state(space)?.conflicts;
+        if conflict != was_conflict {
+            conflicts = if conflict {
+                conflicts.saturating_add(1)
+            } else {
+                conflicts.saturating_sub(1)
+            };
+            t.space_meta.put(
+                txn,
+                &space_meta_key(sid, SPACE_CONFLICTS),
+                &conflicts.to_be_bytes(),
+            )?;
+        }
         t.vv.put(
             txn,
             &origin_key(sid, &event.origin),
@@ -528,17 +732,27 @@ impl Writer {
         } else {
             tracing::debug!(event = %event.id(), hlc = %event.hlc, "not following an HLC reading far ahead of the wall clock");
         }
-        let state = self.spaces.get_mut(space).ok_or_else(|| {
-            StoreError::Corrupt(format!("space {space} missing from the writer's cache"))
-        })?;
+        let state = self.state_mut(space)?;
         state.vv.set(event.origin, event.seq);
         state.last_lsn = lsn;
+        state.conflicts = conflicts;
         Ok(Applied {
             space: space.clone(),
             lsn,
             event,
+            conflict,
         })
     }
+}
+
+/// A local write's payload that the space's merge refuses. Reported as an invalid
+/// write, so callers (and the node's HTTP API) treat it as the caller's fault.
+fn invalid_value(merge: &dyn Merge, e: &weft_crdt::MergeError) -> StoreError {
+    StoreError::Invalid(EventError::Malformed(format!(
+        "value refused by merge {}/{}: {e}",
+        merge.name(),
+        merge.version()
+    )))
 }
 
 fn reply_err(cmd: Command, e: StoreError) {
@@ -547,6 +761,9 @@ fn reply_err(cmd: Command, e: StoreError) {
             let _ = reply.send(Err(e));
         }
         Command::Ingest { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+        Command::Configure { reply, .. } => {
             let _ = reply.send(Err(e));
         }
     }
