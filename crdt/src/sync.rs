@@ -11,12 +11,15 @@
 //! replicas through drops, duplicates, reorders and partitions and check that they
 //! converge (`tests/simulation.rs`).
 //!
-//! The rules are the store's (`weft-store`'s writer and `pull_page`), so what the
-//! simulation proves of `Replica` holds for the store: an event is applied only when
+//! The store runs the same functions: `weft-store` authenticates batches with
+//! [`verify_batch`], orders them with [`causal_order`], checks chain links with
+//! [`check_prev`] and builds pull pages with [`missing`] and [`PageBuilder`], so what
+//! the simulation proves of `Replica` holds for it: an event is applied only when
 //! causally ready, each exactly once; early events wait and are released as soon as
 //! their causes are applied; each origin's events must form a hash chain; a pull page
 //! holds the events the puller lacks in this replica's apply order, which is causal.
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, HashMap};
 
 use thiserror::Error;
@@ -115,6 +118,71 @@ pub fn verify_batch(space: &SpaceName, events: &[Event]) -> Result<(), (EventId,
     match first_bad {
         Some((i, reason)) => Err((events[i].id(), reason)),
         None => Ok(()),
+    }
+}
+
+/// Checks the hash-chain link of an event whose origin's previous event (seq - 1) is
+/// known here with hash `previous`: its `prev` must name that hash. An origin's first
+/// event (no `prev`) always passes.
+pub fn check_prev(event: &Event, previous: &EventHash) -> Result<(), EventError> {
+    match event.prev {
+        Some(prev) if prev != *previous => Err(EventError::Malformed(format!(
+            "prev does not match the hash of {}",
+            EventId::new(event.origin, event.seq - 1)
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// How a batch splits on a replica with a given version vector; see [`causal_order`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CausalOrder<T> {
+    /// The events that can be applied, in the order to apply them: each is ready once
+    /// the ones before it are applied.
+    pub ready: Vec<T>,
+    /// The events still waiting for causes the replica and the batch lack, in batch
+    /// order.
+    pub waiting: Vec<T>,
+    /// Events the replica has, or that an earlier event of the batch repeats.
+    pub duplicates: usize,
+}
+
+/// Orders a batch for a replica with `vv`: the events that become ready as the batch's
+/// own events are applied, in apply order, and those left waiting.
+///
+/// Passes over the batch in its order, taking every ready event, until a pass takes
+/// nothing (one pass for the usual causally ordered page). Applying `ready` in order
+/// advances `vv` exactly as this function assumed, so the caller can apply them one by
+/// one and stop at the first that fails a check of its own.
+pub fn causal_order<T: Borrow<Event>>(
+    vv: &VersionVector,
+    batch: impl IntoIterator<Item = T>,
+) -> CausalOrder<T> {
+    let mut vv = vv.clone();
+    let mut out = CausalOrder {
+        ready: Vec::new(),
+        waiting: batch.into_iter().collect(),
+        duplicates: 0,
+    };
+    loop {
+        let mut progress = false;
+        let mut still = Vec::new();
+        for item in std::mem::take(&mut out.waiting) {
+            let e = item.borrow();
+            match e.readiness(&vv) {
+                Readiness::Duplicate => out.duplicates += 1,
+                Readiness::Waiting => still.push(item),
+                Readiness::Ready => {
+                    vv.set(e.origin, e.seq);
+                    out.ready.push(item);
+                    progress = true;
+                }
+            }
+        }
+        out.waiting = still;
+        if !progress || out.waiting.is_empty() {
+            return out;
+        }
     }
 }
 
@@ -249,6 +317,26 @@ impl<'h> PageBuilder<'h> {
 
     /// Offers the next event of the log, whose encoding is `encoded_len` bytes.
     pub fn offer(&mut self, event: &Event, encoded_len: usize) -> Offer {
+        let offer = self.admit(event, encoded_len);
+        if offer == Offer::Taken {
+            self.events.push(event.clone());
+        }
+        offer
+    }
+
+    /// [`PageBuilder::offer`] for an event the caller owns (decoded from storage, say):
+    /// a taken event is moved onto the page rather than cloned.
+    pub fn push(&mut self, event: Event, encoded_len: usize) -> Offer {
+        let offer = self.admit(&event, encoded_len);
+        if offer == Offer::Taken {
+            self.events.push(event);
+        }
+        offer
+    }
+
+    /// The decision of `offer`/`push`; on `Taken` counts the bytes, and the caller
+    /// puts the event on the page.
+    fn admit(&mut self, event: &Event, encoded_len: usize) -> Offer {
         if self.have.contains(&event.id()) {
             return Offer::Skipped;
         }
@@ -258,7 +346,6 @@ impl<'h> PageBuilder<'h> {
             return Offer::Full;
         }
         self.bytes = self.bytes.saturating_add(encoded_len);
-        self.events.push(event.clone());
         Offer::Taken
     }
 
@@ -298,6 +385,15 @@ struct LogEntry {
     hash: EventHash,
     /// Length of the canonical encoding, which pull pages are sized by.
     size: usize,
+}
+
+/// An event with its hash, computed once, for [`causal_order`].
+struct Hashed(Event, EventHash);
+
+impl Borrow<Event> for Hashed {
+    fn borrow(&self) -> &Event {
+        &self.0
+    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -460,32 +556,19 @@ impl Replica {
         let hashes: Vec<EventHash> = fresh.iter().map(Event::hash).collect();
         self.check_chains(&fresh, &hashes)?;
 
-        // Apply what is ready, in as many passes as the batch's own order needs (one
-        // for the usual causally ordered page).
-        let mut waiting: Vec<(Event, EventHash)> = fresh.into_iter().zip(hashes).collect();
-        loop {
-            let mut progress = false;
-            let mut still = Vec::new();
-            for (e, hash) in waiting {
-                match e.readiness(&self.vv) {
-                    Readiness::Ready => {
-                        out.applied.push(e.id());
-                        self.apply(e, hash);
-                        progress = true;
-                    }
-                    Readiness::Waiting => still.push((e, hash)),
-                    // Only when an earlier event of this batch was the same id; the
-                    // batch was de-duplicated, so this is unreachable in practice.
-                    Readiness::Duplicate => out.duplicates += 1,
-                }
-            }
-            waiting = still;
-            if !progress || waiting.is_empty() {
-                break;
-            }
+        // Apply what is ready, in the order the batch makes it ready. The batch was
+        // de-duplicated, so `order.duplicates` is 0 in practice.
+        let order = causal_order(
+            &self.vv,
+            fresh.into_iter().zip(hashes).map(|(e, h)| Hashed(e, h)),
+        );
+        out.duplicates += order.duplicates;
+        for Hashed(e, hash) in order.ready {
+            out.applied.push(e.id());
+            self.apply(e, hash);
         }
-        let parked: Vec<EventId> = waiting.iter().map(|(e, _)| e.id()).collect();
-        for (e, _) in waiting {
+        let parked: Vec<EventId> = order.waiting.iter().map(|Hashed(e, _)| e.id()).collect();
+        for Hashed(e, _) in order.waiting {
             self.pending.insert(e);
         }
 
@@ -613,7 +696,9 @@ impl Replica {
     fn prev_matches(&self, e: &Event) -> bool {
         match e.prev {
             None => true,
-            Some(prev) => self.hash_of(&EventId::new(e.origin, e.seq - 1)) == Some(prev),
+            Some(_) => self
+                .hash_of(&EventId::new(e.origin, e.seq - 1))
+                .is_some_and(|h| check_prev(e, &h).is_ok()),
         }
     }
 
@@ -627,19 +712,16 @@ impl Replica {
             .zip(hashes.iter().copied())
             .collect();
         for e in fresh {
-            let Some(prev) = e.prev else { continue };
+            if e.prev.is_none() {
+                continue;
+            }
             let before = EventId::new(e.origin, e.seq - 1);
             let known = self
                 .hash_of(&before)
                 .or_else(|| in_batch.get(&before).copied())
                 .or_else(|| self.pending.get(&before).map(Event::hash));
-            if known.is_some_and(|h| h != prev) {
-                return Err(SyncError::Rejected {
-                    id: e.id(),
-                    reason: EventError::Malformed(format!(
-                        "prev does not match the hash of {before}"
-                    )),
-                });
+            if let Some(h) = known {
+                check_prev(e, &h).map_err(|reason| SyncError::Rejected { id: e.id(), reason })?;
             }
         }
         Ok(())
@@ -794,6 +876,71 @@ mod tests {
         assert_eq!(a.read("n").unwrap().unwrap().value, int(5));
         a.write("n", Op::Delete, vec![], 1).unwrap();
         assert_eq!(a.read("n").unwrap(), None);
+    }
+
+    #[test]
+    fn causal_order_applies_what_the_batch_makes_ready() {
+        let mut a = replica(1, PolicyKind::Lww);
+        let e: Vec<Event> = (0..3)
+            .map(|i| a.write("k", Op::Put, int(i), 1).unwrap())
+            .collect();
+        let mut b = replica(2, PolicyKind::Lww);
+        let f = b.write("j", Op::Put, int(0), 1).unwrap();
+        // Reversed, with a duplicate and an event whose cause (f) is not in the batch.
+        let mut vv = VersionVector::new();
+        let mut g = b.clone();
+        g.ingest(vec![e[0].clone()]).unwrap();
+        let h = g.write("j", Op::Put, int(1), 1).unwrap();
+        let batch = vec![
+            e[2].clone(),
+            h.clone(),
+            e[1].clone(),
+            e[0].clone(),
+            e[0].clone(),
+        ];
+        let order = causal_order(&vv, &batch);
+        let ids = |v: &[&Event]| v.iter().map(|e| e.id()).collect::<Vec<_>>();
+        assert_eq!(ids(&order.ready), vec![e[0].id(), e[1].id(), e[2].id()]);
+        assert_eq!(ids(&order.waiting), vec![h.id()]);
+        assert_eq!(order.duplicates, 1);
+        vv.set(a.id(), 1);
+        vv.set(b.id(), f.seq);
+        let order = causal_order(&vv, &batch[..2]);
+        assert_eq!(ids(&order.ready), vec![h.id()], "h needs e[0] and f");
+        assert_eq!(ids(&order.waiting), vec![e[2].id()]);
+    }
+
+    #[test]
+    fn check_prev_compares_the_link_with_the_predecessor() {
+        let mut a = replica(1, PolicyKind::Lww);
+        let e1 = a.write("k", Op::Put, int(1), 1).unwrap();
+        let e2 = a.write("k", Op::Put, int(2), 1).unwrap();
+        assert!(
+            check_prev(&e1, &EventHash([0; 32])).is_ok(),
+            "seq 1 has no link"
+        );
+        assert!(check_prev(&e2, &e1.hash()).is_ok());
+        let err = check_prev(&e2, &EventHash([0; 32])).unwrap_err();
+        assert!(err.to_string().contains(&e1.id().to_string()), "{err}");
+    }
+
+    #[test]
+    fn push_and_offer_build_the_same_page() {
+        let mut a = replica(1, PolicyKind::Lww);
+        let events: Vec<Event> = (0..4)
+            .map(|i| a.write("k", Op::Put, int(i), 1).unwrap())
+            .collect();
+        let mut have = VersionVector::new();
+        have.set(a.id(), 1);
+        let mut by_ref = PageBuilder::new(&have, 2, usize::MAX);
+        let mut owned = PageBuilder::new(&have, 2, usize::MAX);
+        for e in &events {
+            let len = e.encode().len();
+            assert_eq!(by_ref.offer(e, len), owned.push(e.clone(), len));
+        }
+        let (p, done) = owned.finish(false);
+        assert_eq!(by_ref.finish(false), (p.clone(), done));
+        assert_eq!(p, events[1..3].to_vec());
     }
 
     #[test]

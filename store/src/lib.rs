@@ -34,6 +34,7 @@ use std::thread::JoinHandle;
 
 use heed::{Env, EnvOpenOptions, RoTxn, WithoutTls};
 use tokio::sync::{broadcast, mpsc, oneshot};
+use weft_crdt::sync::{self, Offer, PageBuilder};
 use weft_crdt::{
     Event, Hlc, NodeId, Op, Policy, PolicyIdentity, SigningKey, SpaceName, VersionVector,
 };
@@ -495,11 +496,10 @@ impl Store {
             events: Vec::new(),
             done: true,
         };
-        let max_events = max_events.max(1);
         self.read(space, empty, move |t, txn, sid| {
             let mine = t.version_vector(txn, sid)?;
             let mut start: Option<u64> = None;
-            for (origin, first, _) in mine.missing_from(&have) {
+            for (origin, first, _) in sync::missing(&have, &mine) {
                 let entry = t.id_entry(txn, sid, &origin, first)?.ok_or_else(|| {
                     StoreError::Corrupt(format!(
                         "applied event {origin}:{first} missing from by_id"
@@ -513,25 +513,19 @@ impl Store {
                     done: true,
                 });
             };
-            let mut events = Vec::new();
-            let mut bytes_total = 0usize;
+            // The scan is ours; what goes on the page is the sync core's decision.
+            let mut page = PageBuilder::new(&have, max_events, max_bytes);
+            let mut done = true;
             for entry in t.events_from(txn, sid, start)? {
                 let (lsn, bytes) = entry?;
                 let event = tables::decode_event(bytes, format_args!("event at lsn {lsn}"))?;
-                if event.seq <= have.get(&event.origin) {
-                    continue;
+                if page.push(event, bytes.len()) == Offer::Full {
+                    done = false;
+                    break;
                 }
-                let full = events.len() >= max_events || bytes_total + bytes.len() > max_bytes;
-                if full && !events.is_empty() {
-                    return Ok(Page {
-                        events,
-                        done: false,
-                    });
-                }
-                bytes_total += bytes.len();
-                events.push(event);
             }
-            Ok(Page { events, done: true })
+            let (events, done) = page.finish(done);
+            Ok(Page { events, done })
         })
         .await
     }

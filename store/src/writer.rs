@@ -33,6 +33,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use heed::{Env, PutFlags, RwTxn, WithoutTls};
 use tokio::sync::{broadcast, mpsc, oneshot};
+use weft_crdt::sync;
 use weft_crdt::{
     Event, EventError, EventHash, EventId, Hlc, HlcClock, Merge, NodeId, Policy, Readiness,
     SigningKey, SpaceName, UnsignedEvent, VersionVector,
@@ -515,46 +516,33 @@ impl Writer {
         let sid = self.ensure_space(txn, space)?;
         let merge = self.merge_for(space)?;
 
-        // Apply what is ready, in as many passes as the batch's own order needs
-        // (one pass for the usual causally ordered page).
-        let mut waiting: Vec<&Event> = events.iter().collect();
-        loop {
-            let mut progress = false;
-            let mut still = Vec::new();
-            for e in waiting {
-                match e.readiness(&self.state(space)?.vv) {
-                    Readiness::Duplicate => out.duplicates += 1,
-                    Readiness::Waiting => still.push(e),
-                    Readiness::Ready => {
-                        let hash = e.hash();
-                        if let Err(reason) = self.check_prev(txn, sid, e)? {
-                            return Err(StoreError::Rejected { id: e.id(), reason });
-                        }
-                        // A copy may have been parked by an earlier call.
-                        self.tables
-                            .pending
-                            .delete(txn, &id_key(sid, &e.origin, e.seq))?;
-                        out.applied.push(self.apply(
-                            txn,
-                            space,
-                            sid,
-                            e.clone(),
-                            hash,
-                            merge.as_deref(),
-                            false,
-                        )?);
-                        progress = true;
-                    }
-                }
+        // Apply what is ready, in the order the sync core gives: each event is ready
+        // once those before it are applied, and `apply` advances the cached version
+        // vector exactly as `causal_order` assumed.
+        let order = sync::causal_order(&self.state(space)?.vv, events);
+        out.duplicates += order.duplicates;
+        for e in order.ready {
+            let hash = e.hash();
+            if let Err(reason) = self.check_prev(txn, sid, e)? {
+                return Err(StoreError::Rejected { id: e.id(), reason });
             }
-            waiting = still;
-            if !progress || waiting.is_empty() {
-                break;
-            }
+            // A copy may have been parked by an earlier call.
+            self.tables
+                .pending
+                .delete(txn, &id_key(sid, &e.origin, e.seq))?;
+            out.applied.push(self.apply(
+                txn,
+                space,
+                sid,
+                e.clone(),
+                hash,
+                merge.as_deref(),
+                false,
+            )?);
         }
 
         let mut parked = HashSet::new();
-        for e in waiting {
+        for e in order.waiting {
             let key = id_key(sid, &e.origin, e.seq);
             if self.tables.pending.get(txn, &key)?.is_some() || !parked.insert(e.id()) {
                 out.duplicates += 1;
@@ -631,9 +619,9 @@ impl Writer {
         sid: SpaceId,
         event: &Event,
     ) -> Result<Result<(), EventError>, StoreError> {
-        let Some(prev) = event.prev else {
+        if event.prev.is_none() {
             return Ok(Ok(()));
-        };
+        }
         let before = event.seq - 1;
         let entry = self
             .tables
@@ -644,14 +632,7 @@ impl Writer {
                     event.origin
                 ))
             })?;
-        if entry.hash == prev {
-            Ok(Ok(()))
-        } else {
-            Ok(Err(EventError::Malformed(format!(
-                "prev does not match the hash of {}:{before}",
-                event.origin
-            ))))
-        }
+        Ok(sync::check_prev(event, &entry.hash))
     }
 
     /// Writes a ready, checked event to every table and advances the cache.
