@@ -28,7 +28,8 @@ mod sync;
 pub use api::serve as serve_api;
 pub use error::NodeError;
 pub use node::{
-    Conflict, Node, NodeBuilder, NodeStatus, Record, SpaceStatus, WriteRequest, Written,
+    Conflict, Node, NodeBuilder, NodeStatus, PeerSyncStatus, Record, SpaceStatus, WriteRequest,
+    Written,
 };
 pub use payload::Payload;
 pub use weft_crdt::{

@@ -412,10 +412,26 @@ async fn status(client: &Client, as_json: bool) -> Result<ExitCode> {
         body.get("peer_id").and_then(Value::as_str).unwrap_or("?")
     );
     println!("connected peers: {}", peers.len());
-    for p in &peers {
-        println!("  {}", p.as_str().unwrap_or("?"));
-    }
     let space = client.space.as_str();
+    for p in &peers {
+        let id = p.as_str().unwrap_or("?");
+        match body
+            .get("peer_sync")
+            .and_then(|s| s.get(id))
+            .and_then(|s| s.get(space))
+        {
+            Some(sync) => {
+                let n = |k: &str| sync.get(k).and_then(Value::as_u64).unwrap_or(0);
+                println!(
+                    "  {id}  behind {} ahead {} (synced {:.1}s ago)",
+                    n("behind"),
+                    n("ahead"),
+                    n("last_sync_ms_ago") as f64 / 1000.0
+                );
+            }
+            None => println!("  {id}  (not synced yet)"),
+        }
+    }
     match body.get("spaces").and_then(|s| s.get(space)) {
         Some(s) => {
             let n = |k: &str| s.get(k).and_then(Value::as_u64).unwrap_or(0);

@@ -294,6 +294,22 @@ pub struct NodeStatus {
     pub spaces: BTreeMap<String, SpaceStatus>,
     /// Connected peers.
     pub peers: Vec<String>,
+    /// Per peer and space, the last sync exchange: the peer's version vector as it then
+    /// stood, how many events each side lacked, and how long ago it was.
+    pub peer_sync: BTreeMap<String, BTreeMap<String, PeerSyncStatus>>,
+}
+
+/// What a node knows of one peer's replica of a space.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerSyncStatus {
+    /// The peer's version vector at the last exchange.
+    pub version_vector: BTreeMap<String, u64>,
+    /// Events the peer had that this node lacked (this node is behind by).
+    pub behind: u64,
+    /// Events this node has that the peer lacked (this node is ahead by).
+    pub ahead: u64,
+    /// Milliseconds since that exchange.
+    pub last_sync_ms_ago: u64,
 }
 
 /// Per-space status.
@@ -620,11 +636,41 @@ impl Node {
             .iter()
             .map(|p| p.to_string())
             .collect();
+        let seen: Vec<_> = lock_unpoisoned(&self.inner.peer_spaces)
+            .seen
+            .iter()
+            .map(|((p, s), v)| (*p, s.clone(), v.clone()))
+            .collect();
+        let mut peer_sync: BTreeMap<String, BTreeMap<String, PeerSyncStatus>> = BTreeMap::new();
+        for (peer, space, sync) in seen {
+            let mine = self
+                .inner
+                .store
+                .version_vector(&space)
+                .await
+                .map_err(store_error)?;
+            let lag = |a: &VersionVector, b: &VersionVector| -> u64 {
+                a.missing_from(b)
+                    .iter()
+                    .map(|(_, from, to)| to + 1 - from)
+                    .sum()
+            };
+            peer_sync.entry(peer.to_string()).or_default().insert(
+                space.to_string(),
+                PeerSyncStatus {
+                    version_vector: vv_json(&sync.version_vector),
+                    behind: lag(&sync.version_vector, &mine),
+                    ahead: lag(&mine, &sync.version_vector),
+                    last_sync_ms_ago: sync.last_sync.elapsed().map_or(0, |d| d.as_millis() as u64),
+                },
+            );
+        }
         Ok(NodeStatus {
             peer_id: self.inner.node_id.to_string(),
             listen,
             spaces,
             peers,
+            peer_sync,
         })
     }
 

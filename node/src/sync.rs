@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use rand::Rng;
 use tokio::sync::{mpsc, watch};
-use weft_crdt::{PolicyIdentity, SpaceName};
+use weft_crdt::{PolicyIdentity, SpaceName, VersionVector};
 use weft_net::{NetEvent, PeerId, PullRequest, PullResponse, Verdict};
 use weft_store::{Applied, StoreError};
 
@@ -46,6 +46,10 @@ pub(crate) struct SyncConfig {
     /// Most pages one pull may take before yielding; bounds a pull against a peer that
     /// keeps producing.
     pub max_pages: usize,
+    /// How long a pull waits for one page before it counts the peer as stalled and
+    /// resumes elsewhere. 10 s: a page of 1,000 events is a few hundred KB, which any
+    /// live link delivers in well under a second.
+    pub page_timeout: Duration,
     /// Capacity of the local-write publish queue.
     pub publish_queue: usize,
     /// Most events in one gossip message.
@@ -59,6 +63,7 @@ impl Default for SyncConfig {
             page_events: 1_000,
             page_bytes: 4 * 1024 * 1024,
             max_pages: 100_000,
+            page_timeout: Duration::from_secs(10),
             publish_queue: 1_024,
             publish_batch: 256,
         }
@@ -77,6 +82,17 @@ pub(crate) struct PeerSpaces {
     compatible: HashSet<(PeerId, SpaceName)>,
     /// Peers refused for a space, with the policy they use there.
     pub(crate) incompatible: HashMap<(PeerId, SpaceName), PolicyIdentity>,
+    /// What each peer last told us it has, and when.
+    pub(crate) seen: HashMap<(PeerId, SpaceName), PeerSync>,
+}
+
+/// The last sync exchange with a peer for a space.
+#[derive(Debug, Clone)]
+pub(crate) struct PeerSync {
+    /// The peer's version vector as of its last answer.
+    pub(crate) version_vector: VersionVector,
+    /// When that answer arrived.
+    pub(crate) last_sync: std::time::SystemTime,
 }
 
 pub(crate) type InFlight = Arc<Mutex<PeerSpaces>>;
@@ -183,6 +199,7 @@ fn handle(node: &Node, ev: NetEvent, in_flight: &InFlight, config: &SyncConfig) 
             tracing::info!(%peer, "peer disconnected");
             let mut st = lock(in_flight);
             st.compatible.retain(|(p, _)| *p != peer);
+            st.seen.retain(|(p, _), _| *p != peer);
             st.incompatible.retain(|(p, _), _| *p != peer);
         }
         NetEvent::PeerSubscribed { peer, space } => {
@@ -318,6 +335,21 @@ fn spawn_pull(
     in_flight: &InFlight,
     config: &SyncConfig,
 ) {
+    spawn_pull_attempt(node, peer, space, in_flight, config, 0)
+}
+
+/// Most times a pull that stalled or failed in transit is resumed from another peer (or
+/// the same one) before it is left to anti-entropy.
+const MAX_PULL_RESUMES: u32 = 5;
+
+fn spawn_pull_attempt(
+    node: &Node,
+    peer: PeerId,
+    space: SpaceName,
+    in_flight: &InFlight,
+    config: &SyncConfig,
+    attempt: u32,
+) {
     {
         let mut st = lock(in_flight);
         let pair = (peer, space.clone());
@@ -335,33 +367,83 @@ fn spawn_pull(
         match result {
             Ok(0) => {}
             Ok(n) => tracing::info!(%peer, %space, events = n, "pulled"),
-            Err(e) => tracing::debug!(%peer, %space, "pull ended: {e}"),
+            Err(PullError::Final(e)) => tracing::debug!(%peer, %space, "pull ended: {e}"),
+            Err(PullError::Resumable(e)) if attempt < MAX_PULL_RESUMES => {
+                tracing::info!(%peer, %space, "pull interrupted ({e}); resuming");
+                // Where it stopped is simply what the store has now; any peer will do.
+                let delay = Duration::from_millis(200 << attempt.min(5));
+                tokio::time::sleep(delay).await;
+                let candidates: Vec<PeerId> = match node.inner.net.connected_peers().await {
+                    Ok(peers) => {
+                        let st = lock(&in_flight);
+                        peers
+                            .into_iter()
+                            .filter(|p| !st.incompatible.contains_key(&(*p, space.clone())))
+                            .collect()
+                    }
+                    Err(_) => return,
+                };
+                let others: Vec<PeerId> =
+                    candidates.iter().copied().filter(|p| *p != peer).collect();
+                let pool = if others.is_empty() {
+                    candidates
+                } else {
+                    others
+                };
+                if pool.is_empty() {
+                    return;
+                }
+                let next = pool[rand::thread_rng().gen_range(0..pool.len())];
+                spawn_pull_attempt(&node, next, space, &in_flight, &config, attempt + 1);
+            }
+            Err(PullError::Resumable(e)) => {
+                tracing::warn!(%peer, %space, "pull gave up after {attempt} resumes: {e}")
+            }
         }
     });
 }
 
+/// Why a pull ended early.
+enum PullError {
+    /// The peer refused, is incompatible, or sent a page that was rejected.
+    Final(String),
+    /// The page did not arrive (stall, timeout, connection lost): worth resuming.
+    Resumable(String),
+}
+
+/// A spawned page request that is cancelled when the pull that wanted it ends.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Pulls page by page until the peer is done or a page brings nothing new. Returns
 /// the number of events applied.
+///
+/// Pipelined: while one page is being verified and committed, the request for the next
+/// one is already on the wire, built from the version vector the current page will
+/// leave behind (a page is causally complete relative to the request, so that vector
+/// is exact). A page that does not arrive within `page_timeout` ends the pull as
+/// stalled; the caller resumes from where the store stands, possibly from another peer.
 async fn pull(
     node: &Node,
     peer: PeerId,
     space: &SpaceName,
     state: &InFlight,
     config: &SyncConfig,
-) -> Result<usize, String> {
+) -> Result<usize, PullError> {
     let Some(policy) = node.inner.policies.get(space) else {
-        return Err(format!("space {space} is not hosted here"));
+        return Err(PullError::Final(format!(
+            "space {space} is not hosted here"
+        )));
     };
     let ours = policy.identity();
     let pair = (peer, space.clone());
-    let mut applied = 0;
-    for _ in 0..config.max_pages {
-        let have = node
-            .inner
-            .store
-            .version_vector(space)
-            .await
-            .map_err(|e| e.to_string())?;
+    let request_for = |have: VersionVector| {
+        let net = node.inner.net.clone();
         let request = PullRequest {
             space: space.clone(),
             have,
@@ -369,45 +451,77 @@ async fn pull(
             max_bytes: config.page_bytes,
             policy: ours.clone(),
         };
-        let response = node
-            .inner
-            .net
-            .pull(peer, request)
+        let timeout = config.page_timeout;
+        async move {
+            match tokio::time::timeout(timeout, net.pull(peer, request)).await {
+                Ok(r) => r.map_err(|e| PullError::Resumable(e.to_string())),
+                Err(_) => Err(PullError::Resumable(format!(
+                    "stalled: no page within {timeout:?}"
+                ))),
+            }
+        }
+    };
+    let mut have = node
+        .inner
+        .store
+        .version_vector(space)
+        .await
+        .map_err(|e| PullError::Final(e.to_string()))?;
+    let mut in_flight = AbortOnDrop(tokio::spawn(request_for(have.clone())));
+    let mut applied = 0;
+    for _ in 0..config.max_pages {
+        let response = (&mut in_flight.0)
             .await
-            .map_err(|e| e.to_string())?;
-        let (events, done) = match response {
-            PullResponse::Events { events, done, .. } => (events, done),
-            PullResponse::Refused { reason } => return Err(format!("refused: {reason}")),
+            .map_err(|e| PullError::Final(format!("pull task failed: {e}")))??;
+        let (events, done, theirs) = match response {
+            PullResponse::Events { events, done, have } => (events, done, have),
+            PullResponse::Refused { reason } => {
+                return Err(PullError::Final(format!("refused: {reason}")))
+            }
             PullResponse::Incompatible { policy } => {
                 let msg = refuse_message(&peer, space, &policy, &ours);
                 tracing::error!("{msg}");
                 let mut st = lock(state);
                 st.compatible.remove(&pair);
                 st.incompatible.insert(pair, policy);
-                return Err(msg);
+                return Err(PullError::Final(msg));
             }
         };
         {
             let mut st = lock(state);
             st.incompatible.remove(&pair);
             st.compatible.insert(pair.clone());
+            st.seen.insert(
+                pair.clone(),
+                PeerSync {
+                    version_vector: theirs,
+                    last_sync: std::time::SystemTime::now(),
+                },
+            );
         }
         if events.is_empty() {
             return Ok(applied);
         }
-        let outcome = node
-            .inner
-            .store
-            .ingest(space, events)
-            .await
-            .map_err(|e| match e {
-                StoreError::Rejected { id, reason } => {
-                    tracing::warn!(%peer, %space, event = %id, "rejected pulled page: {reason}");
-                    format!("page rejected: {reason}")
-                }
-                other => other.to_string(),
-            })?;
+        let mut next_have = have.clone();
+        for e in &events {
+            if e.seq > next_have.get(&e.origin) {
+                next_have.set(e.origin, e.seq);
+            }
+        }
+        if !done {
+            // The next page travels while this one is verified and committed.
+            in_flight = AbortOnDrop(tokio::spawn(request_for(next_have.clone())));
+        }
+        let outcome = node.inner.store.ingest(space, events).await;
+        let outcome = outcome.map_err(|e| match e {
+            StoreError::Rejected { id, reason } => {
+                tracing::warn!(%peer, %space, event = %id, "rejected pulled page: {reason}");
+                PullError::Final(format!("page rejected: {reason}"))
+            }
+            other => PullError::Final(other.to_string()),
+        })?;
         applied += outcome.applied.len();
+        have = next_have;
         if done || outcome.applied.is_empty() {
             return Ok(applied);
         }
