@@ -5,7 +5,8 @@ use std::time::Duration;
 use libp2p::identity::Keypair;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{gossipsub, identify, mdns, ping, request_response};
+use libp2p::{connection_limits, gossipsub, identify, kad, mdns, ping, request_response};
+use libp2p::{PeerId, StreamProtocol};
 use weft_crdt::SpaceName;
 
 use crate::codec::{SyncCodec, SYNC_PROTOCOL};
@@ -14,6 +15,10 @@ use crate::error::NetError;
 
 /// The identify protocol version weft peers announce.
 pub const IDENTIFY_PROTOCOL: &str = "/weft/id/1.0.0";
+
+/// The Kademlia protocol weft peers speak. A weft-specific name keeps weft's routing
+/// tables apart from the public IPFS DHT (`/ipfs/kad/1.0.0`) should a node ever meet it.
+pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/weft/kad/1.0.0");
 
 /// Mesh degree gossipsub aims for. 4 (libp2p default 6): weft meshes are LANs of a few
 /// nodes, and pull sync repairs whatever gossip misses, so a smaller mesh costs nothing
@@ -40,13 +45,20 @@ const _: () = assert!(
         && 2 * MESH_OUTBOUND_MIN <= MESH_N
 );
 
-/// gossipsub, `/weft/sync/1`, mDNS (optional), identify and ping.
+/// Connection limits, gossipsub, `/weft/sync/1`, mDNS (optional), identify, Kademlia and
+/// ping.
+///
+/// `limits` comes first: the derived behaviour asks each part in field order whether to
+/// accept a connection, so a connection over the limits is refused before any other
+/// part builds a handler for it.
 #[derive(NetworkBehaviour)]
 pub(crate) struct WeftBehaviour {
+    pub(crate) limits: connection_limits::Behaviour,
     pub(crate) gossipsub: gossipsub::Behaviour,
     pub(crate) sync: request_response::Behaviour<SyncCodec>,
     pub(crate) mdns: Toggle<mdns::tokio::Behaviour>,
     pub(crate) identify: identify::Behaviour,
+    pub(crate) kad: kad::Behaviour<kad::store::MemoryStore>,
     pub(crate) ping: ping::Behaviour,
 }
 
@@ -81,6 +93,37 @@ fn gossipsub_config(config: &NetConfig) -> Result<gossipsub::Config, NetError> {
         .map_err(|e| NetError::Setup(format!("gossipsub configuration: {e}")))
 }
 
+/// Kademlia, used for peer routing only: weft stores nothing in the DHT.
+///
+/// - Server mode is forced: Kademlia otherwise stays a client (it neither answers queries
+///   nor enters other peers' routing tables) until an external address is confirmed, which
+///   never happens on a LAN or on loopback.
+/// - Inbound record and provider writes are filtered (`FilterBoth`) and the loop ignores
+///   them, so a peer cannot make us store anything.
+/// - Kademlia's own periodic bootstrap is off: the event loop's discovery tick runs it
+///   (see `event_loop`). Its automatic bootstrap, 500 ms after a new peer enters the
+///   routing table, stays on: that is the bootstrap after the first connection.
+fn kademlia(peer_id: PeerId) -> kad::Behaviour<kad::store::MemoryStore> {
+    let mut config = kad::Config::new(KAD_PROTOCOL);
+    config
+        .set_record_filtering(kad::StoreInserts::FilterBoth)
+        .set_periodic_bootstrap_interval(None);
+    let mut kad =
+        kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), config);
+    kad.set_mode(Some(kad::Mode::Server));
+    kad
+}
+
+fn connection_limits(config: &NetConfig) -> connection_limits::Behaviour {
+    connection_limits::Behaviour::new(
+        connection_limits::ConnectionLimits::default()
+            .with_max_established(Some(config.max_established))
+            .with_max_established_per_peer(Some(config.max_established_per_peer))
+            .with_max_pending_incoming(Some(config.max_pending))
+            .with_max_pending_outgoing(Some(config.max_pending)),
+    )
+}
+
 pub(crate) fn build(keypair: &Keypair, config: &NetConfig) -> Result<WeftBehaviour, NetError> {
     let mut gossipsub = gossipsub::Behaviour::new(
         gossipsub::MessageAuthenticity::Signed(keypair.clone()),
@@ -109,7 +152,9 @@ pub(crate) fn build(keypair: &Keypair, config: &NetConfig) -> Result<WeftBehavio
         None
     };
 
+    let peer_id = keypair.public().to_peer_id();
     Ok(WeftBehaviour {
+        limits: connection_limits(config),
         gossipsub,
         sync,
         mdns: Toggle::from(mdns),
@@ -117,6 +162,7 @@ pub(crate) fn build(keypair: &Keypair, config: &NetConfig) -> Result<WeftBehavio
             IDENTIFY_PROTOCOL.to_owned(),
             keypair.public(),
         )),
+        kad: kademlia(peer_id),
         ping: ping::Behaviour::default(),
     })
 }

@@ -42,6 +42,34 @@ pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
 /// minute.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Default [`NetConfig::target_peers`]: 8. Twice gossipsub's mesh degree
+/// ([`crate::MESH_N`] = 4), so a full mesh can form with spare candidates for
+/// `mesh_outbound_min` and for replacing pruned peers, and pull sync has several sources to
+/// catch up from; small enough that a LAN of tens of nodes is not dialed into a full mesh by
+/// discovery alone.
+pub const DEFAULT_TARGET_PEERS: usize = 8;
+
+/// Default [`NetConfig::max_established`]: 64 connections. Eight times
+/// [`DEFAULT_TARGET_PEERS`]: peers we do not dial ourselves still reach us (new nodes
+/// bootstrap through us, Kademlia queries connect to us and stay for the idle timeout), and
+/// in a LAN of up to about sixty nodes everyone may be connected to everyone. It bounds file
+/// descriptors and per-connection yamux and gossipsub buffers (a few hundred KiB each at
+/// most) to tens of MiB.
+pub const DEFAULT_MAX_ESTABLISHED: u32 = 64;
+
+/// Default [`NetConfig::max_established_per_peer`]: 2. Two nodes that discover each other at
+/// the same moment dial each other simultaneously; with a limit of 1 each side may keep its
+/// own outbound connection and refuse the other's inbound one, closing both. Two lets that
+/// race settle while still refusing a peer that opens connections in a loop.
+pub const DEFAULT_MAX_ESTABLISHED_PER_PEER: u32 = 2;
+
+/// Default [`NetConfig::max_pending`]: 32 handshakes in each direction. A TCP + noise +
+/// yamux handshake on a LAN takes milliseconds, and discovery dials a handful of peers at a
+/// time (Kademlia queries contact 3 in parallel, plus dials toward
+/// [`DEFAULT_TARGET_PEERS`]); 32 never slows that down and caps what a burst of half-open
+/// inbound connections can make us hold.
+pub const DEFAULT_MAX_PENDING: u32 = 32;
+
 /// Bytes of each gossip message reserved for gossipsub's own envelope (signature, public
 /// key, source, sequence number, topic, protobuf framing: a few hundred bytes in
 /// practice). gossipsub checks only the payload against `max_transmit_size` when
@@ -60,7 +88,10 @@ pub struct NetConfig {
     pub signing_key: SigningKey,
     /// Addresses to listen on.
     pub listen: Vec<libp2p::Multiaddr>,
-    /// Addresses dialed once at start.
+    /// Addresses dialed at start. A bootstrap address whose connection fails or closes is
+    /// redialed with exponential backoff (1 s doubling to 60 s, ±25% jitter) for as long
+    /// as the node runs. One reachable bootstrap address is enough to find the whole mesh:
+    /// Kademlia learns the rest.
     pub bootstrap: Vec<Multiaddr>,
     /// Discover and dial peers on the local network with mDNS.
     pub mdns: bool,
@@ -81,6 +112,15 @@ pub struct NetConfig {
     /// How long a pull may take before it fails; also how long the node has to answer an
     /// inbound pull.
     pub request_timeout: Duration,
+    /// Discovery dials peers found by Kademlia until this many peers are connected; 0 turns
+    /// discovery dialing off (Kademlia still answers queries). At most `max_established`.
+    pub target_peers: usize,
+    /// Most established connections, inbound and outbound together; more are refused.
+    pub max_established: u32,
+    /// Most established connections to one peer.
+    pub max_established_per_peer: u32,
+    /// Most connections in the handshake phase, counted separately for each direction.
+    pub max_pending: u32,
 }
 
 impl std::fmt::Debug for NetConfig {
@@ -98,13 +138,17 @@ impl std::fmt::Debug for NetConfig {
             .field("max_request_bytes", &self.max_request_bytes)
             .field("max_response_bytes", &self.max_response_bytes)
             .field("request_timeout", &self.request_timeout)
+            .field("target_peers", &self.target_peers)
+            .field("max_established", &self.max_established)
+            .field("max_established_per_peer", &self.max_established_per_peer)
+            .field("max_pending", &self.max_pending)
             .finish()
     }
 }
 
 impl NetConfig {
     /// The defaults: listen on `/ip4/0.0.0.0/tcp/0`, no bootstrap, mDNS on, the `default`
-    /// space, and the `DEFAULT_*` limits of this module.
+    /// space, and the `DEFAULT_*` limits and targets of this module.
     pub fn new(signing_key: SigningKey) -> Self {
         NetConfig {
             signing_key,
@@ -120,6 +164,10 @@ impl NetConfig {
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            target_peers: DEFAULT_TARGET_PEERS,
+            max_established: DEFAULT_MAX_ESTABLISHED,
+            max_established_per_peer: DEFAULT_MAX_ESTABLISHED_PER_PEER,
+            max_pending: DEFAULT_MAX_PENDING,
         }
     }
 
@@ -161,6 +209,21 @@ impl NetConfig {
         }
         if self.request_timeout.is_zero() {
             return bad("request_timeout must be positive".into());
+        }
+        if self.max_established == 0 {
+            return bad("max_established must be at least 1".into());
+        }
+        if self.max_established_per_peer == 0 {
+            return bad("max_established_per_peer must be at least 1".into());
+        }
+        if self.max_pending == 0 {
+            return bad("max_pending must be at least 1".into());
+        }
+        if u64::try_from(self.target_peers).unwrap_or(u64::MAX) > u64::from(self.max_established) {
+            return bad(format!(
+                "target_peers is {} but max_established is {}: discovery could never reach its target",
+                self.target_peers, self.max_established
+            ));
         }
         Ok(())
     }

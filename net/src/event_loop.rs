@@ -2,9 +2,10 @@
 //!
 //! Ownership: the loop owns the swarm and every piece of in-flight state — pulls waiting
 //! for a response (by `OutboundRequestId`), dials waiting for a connection (by
-//! `ConnectionId`), callers waiting for a listen address, and inbound pulls waiting for
+//! `ConnectionId`), callers waiting for a listen address, inbound pulls waiting for
 //! the node's answer (the libp2p `ResponseChannel` paired with the node's oneshot, in a
-//! `FuturesUnordered`). Nothing is shared: no locks, no `Arc<Mutex<Swarm>>`.
+//! `FuturesUnordered`), the bootstrap redial schedule and the discovery dials in flight.
+//! Nothing is shared: no locks, no `Arc<Mutex<Swarm>>`.
 //!
 //! Data flow:
 //! - node -> network: [`NetClient`](crate::NetClient) methods send a [`Command`] with a
@@ -26,31 +27,60 @@
 //! handling an event cannot deadlock against it. If the node drops the event receiver,
 //! events are discarded (gossip is reported `Ignore`, pulls go unanswered).
 //!
+//! Discovery: identify tells us each weft peer's listen addresses; those of peers that speak
+//! Kademlia go into its routing table, which Kademlia spreads to others in its queries.
+//! Kademlia bootstraps by itself 500 ms after a new peer enters the table (so right after
+//! the first connection), and the loop's discovery tick ([`DISCOVERY_INTERVAL`]) bootstraps
+//! again and, while fewer than `NetConfig::target_peers` peers are connected, starts a
+//! random walk (`get_closest_peers` of a random id) and dials disconnected routing-table
+//! peers. Peers Kademlia reports (routing updates, query results) are dialed while below
+//! the target; in-flight discovery dials (by `ConnectionId`) count toward it, so the loop
+//! never has more than `target_peers` of them.
+//!
+//! Bootstrap redial: [`BootstrapPeers`] (sans-I/O, in `redial`) tracks every configured
+//! bootstrap address. A failed dial or a lost peer puts the address in a backoff wait
+//! (1 s doubling to 60 s, ±25% jitter); the loop sleeps until the earliest deadline, so
+//! redials are bounded in time and never spin.
+//!
+//! Limits: the `connection_limits` behaviour refuses connections beyond
+//! `NetConfig::max_established` (total and per peer) and `max_pending`; each refusal is
+//! logged with the limit that was hit (inbound at `warn`, our own dials at `info`).
+//!
 //! Shutdown: when every `NetClient` is dropped the command channel closes, the loop
 //! returns, and the swarm with all its connections is dropped.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
+use libp2p::connection_limits::Exceeded;
 use libp2p::gossipsub::{self, MessageAcceptance, MessageId, TopicHash};
 use libp2p::request_response::{self, OutboundFailure, OutboundRequestId, ResponseChannel};
-use libp2p::swarm::dial_opts::DialOpts;
-use libp2p::swarm::{ConnectionId, SwarmEvent};
-use libp2p::{identify, mdns, Multiaddr, PeerId, Swarm};
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{ConnectionDenied, ConnectionId, DialError, ListenError, SwarmEvent};
+use libp2p::{identify, kad, mdns, Multiaddr, PeerId, Swarm};
 use tokio::sync::mpsc::{self, OwnedPermit};
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 use tracing::{debug, info, trace, warn};
 use weft_crdt::{decode_event_batch, SpaceName};
 
-use crate::behaviour::{space_topic, WeftBehaviour, WeftBehaviourEvent};
+use crate::behaviour::{space_topic, WeftBehaviour, WeftBehaviourEvent, KAD_PROTOCOL};
 use crate::client::Command;
 use crate::config::NetConfig;
 use crate::error::NetError;
 use crate::event::NetEvent;
+use crate::redial::BootstrapPeers;
 use crate::wire::{PullRequest, PullResponse};
+
+/// How often the loop re-runs discovery: 30 s. A Kademlia bootstrap over a LAN mesh is a
+/// few small messages per peer, so this is cheap, and a node that fell below
+/// `NetConfig::target_peers` (peers left, a partition healed) finds new ones within half a
+/// minute. Kademlia's own default (5 min) is tuned for the public DHT, where queries cost
+/// far more.
+pub const DISCOVERY_INTERVAL: Duration = Duration::from_secs(30);
 
 /// An inbound pull waiting for the node: resolves to the libp2p channel, the requester,
 /// and the node's answer (`None` if the node dropped the oneshot or ran out of time).
@@ -76,6 +106,12 @@ pub(crate) struct EventLoop {
     /// streams, and each entry expires after `request_timeout`.
     pending_replies: FuturesUnordered<PendingReply>,
     request_timeout: Duration,
+    /// When each bootstrap address is (re)dialed.
+    bootstrap: BootstrapPeers,
+    /// Dials toward `target_peers` still in flight; at most `target_peers` entries.
+    discovery_dials: HashSet<ConnectionId>,
+    target_peers: usize,
+    next_discovery: Instant,
 }
 
 impl EventLoop {
@@ -83,6 +119,7 @@ impl EventLoop {
         swarm: Swarm<WeftBehaviour>,
         commands: mpsc::Receiver<Command>,
         events: mpsc::Sender<NetEvent>,
+        bootstrap: BootstrapPeers,
         config: &NetConfig,
     ) -> Self {
         let topics = config
@@ -102,6 +139,10 @@ impl EventLoop {
             listen_waiters: Vec::new(),
             pending_replies: FuturesUnordered::new(),
             request_timeout: config.request_timeout,
+            bootstrap,
+            discovery_dials: HashSet::new(),
+            target_peers: config.target_peers,
+            next_discovery: Instant::now() + DISCOVERY_INTERVAL,
         }
     }
 
@@ -110,6 +151,10 @@ impl EventLoop {
         info!(peer = %self.swarm.local_peer_id(), "network event loop started");
         loop {
             let can_emit = self.permit.is_some() || self.events_closed;
+            let wake_at = self
+                .bootstrap
+                .next_deadline()
+                .map_or(self.next_discovery, |d| d.min(self.next_discovery));
             tokio::select! {
                 command = self.commands.recv() => match command {
                     Some(command) => self.handle_command(command),
@@ -128,6 +173,7 @@ impl EventLoop {
                     }
                 },
                 event = self.swarm.select_next_some(), if can_emit => self.handle_swarm_event(event),
+                () = tokio::time::sleep_until(wake_at) => self.on_timer(),
             }
         }
         info!(peer = %self.swarm.local_peer_id(), "all network clients dropped; event loop stopped");
@@ -293,6 +339,9 @@ impl EventLoop {
                 if let Some((_, reply)) = self.pending_dials.remove(&connection_id) {
                     let _ = reply.send(Ok(()));
                 }
+                self.discovery_dials.remove(&connection_id);
+                self.bootstrap
+                    .on_established(connection_id, peer_id, Instant::now());
                 if num_established.get() == 1 {
                     self.emit(NetEvent::PeerConnected { peer: peer_id });
                 }
@@ -305,6 +354,14 @@ impl EventLoop {
             } => {
                 debug!(peer = %peer_id, ?cause, "connection closed");
                 if num_established == 0 {
+                    let lost = self.bootstrap.on_disconnected(
+                        peer_id,
+                        Instant::now(),
+                        &mut rand::thread_rng(),
+                    );
+                    for (addr, delay) in lost {
+                        info!(peer = %peer_id, %addr, ?delay, "bootstrap peer lost; redialing after the delay");
+                    }
                     self.emit(NetEvent::PeerDisconnected { peer: peer_id });
                 }
             }
@@ -313,7 +370,20 @@ impl EventLoop {
                 peer_id,
                 error,
             } => {
-                debug!(peer = ?peer_id, %error, "outgoing connection failed");
+                match &error {
+                    DialError::Denied { cause } if limit_exceeded(cause).is_some() => {
+                        info!(peer = ?peer_id, %error, "not connecting: our connection limit is reached")
+                    }
+                    _ => debug!(peer = ?peer_id, %error, "outgoing connection failed"),
+                }
+                self.discovery_dials.remove(&connection_id);
+                if let Some((addr, delay)) = self.bootstrap.on_dial_failed(
+                    connection_id,
+                    Instant::now(),
+                    &mut rand::thread_rng(),
+                ) {
+                    info!(%addr, %error, ?delay, "bootstrap dial failed; retrying after the delay");
+                }
                 if let Some((addr, reply)) = self.pending_dials.remove(&connection_id) {
                     let _ = reply.send(Err(NetError::Dial {
                         addr,
@@ -321,14 +391,29 @@ impl EventLoop {
                     }));
                 }
             }
-            SwarmEvent::IncomingConnectionError { error, .. } => {
-                debug!(%error, "incoming connection failed")
-            }
+            SwarmEvent::IncomingConnectionError {
+                error,
+                send_back_addr,
+                peer_id,
+                ..
+            } => match &error {
+                ListenError::Denied { cause } => match limit_exceeded(cause) {
+                    Some(exceeded) => warn!(
+                        from = %send_back_addr,
+                        peer = ?peer_id,
+                        "inbound connection refused: {exceeded}"
+                    ),
+                    None => debug!(from = %send_back_addr, %error, "inbound connection refused"),
+                },
+                _ => debug!(from = %send_back_addr, %error, "incoming connection failed"),
+            },
             SwarmEvent::Behaviour(WeftBehaviourEvent::Gossipsub(e)) => self.handle_gossip(e),
             SwarmEvent::Behaviour(WeftBehaviourEvent::Sync(e)) => self.handle_sync(e),
             SwarmEvent::Behaviour(WeftBehaviourEvent::Mdns(e)) => self.handle_mdns(e),
             SwarmEvent::Behaviour(WeftBehaviourEvent::Identify(e)) => self.handle_identify(e),
+            SwarmEvent::Behaviour(WeftBehaviourEvent::Kad(e)) => self.handle_kad(e),
             SwarmEvent::Behaviour(WeftBehaviourEvent::Ping(_)) => {}
+            SwarmEvent::Behaviour(WeftBehaviourEvent::Limits(never)) => match never {},
             other => trace!(?other, "swarm event"),
         }
     }
@@ -509,9 +594,161 @@ impl EventLoop {
                 debug!(peer = %peer_id, version = %info.protocol_version, "peer is not a weft node");
                 return;
             }
+            let speaks_kad = info.protocols.contains(&KAD_PROTOCOL);
             for addr in info.listen_addrs {
+                if speaks_kad {
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer_id, addr.clone());
+                }
                 self.swarm.add_peer_address(peer_id, addr);
             }
         }
     }
+
+    fn on_timer(&mut self) {
+        let now = Instant::now();
+        if now >= self.next_discovery {
+            self.next_discovery = now + DISCOVERY_INTERVAL;
+            self.discover();
+        }
+        for due in self.bootstrap.due(now) {
+            if let Some(peer) = due.peer.filter(|p| self.swarm.is_connected(p)) {
+                trace!(%peer, addr = %due.addr, "bootstrap peer already connected");
+                self.bootstrap.on_already_connected(due.index, now);
+                continue;
+            }
+            let opts = DialOpts::unknown_peer_id()
+                .address(due.addr.clone())
+                .build();
+            let connection = opts.connection_id();
+            match self.swarm.dial(opts) {
+                Ok(()) => {
+                    debug!(addr = %due.addr, "redialing a bootstrap address");
+                    self.bootstrap.on_dialing(due.index, connection);
+                }
+                Err(e) => {
+                    let delay =
+                        self.bootstrap
+                            .on_dial_not_started(due.index, now, &mut rand::thread_rng());
+                    info!(addr = %due.addr, error = %e, ?delay, "bootstrap redial failed to start; retrying after the delay");
+                }
+            }
+        }
+    }
+
+    /// The discovery tick: refresh the routing table, and look for more peers while below
+    /// the target.
+    fn discover(&mut self) {
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        if kad.bootstrap().is_err() {
+            trace!("Kademlia bootstrap skipped: no peer in the routing table yet");
+            return;
+        }
+        let connected = self.swarm.connected_peers().count();
+        if connected >= self.target_peers {
+            return;
+        }
+        debug!(
+            connected,
+            target = self.target_peers,
+            "below the peer target: random walk"
+        );
+        self.swarm
+            .behaviour_mut()
+            .kad
+            .get_closest_peers(PeerId::random());
+        let known: Vec<(PeerId, Vec<Multiaddr>)> = self
+            .swarm
+            .behaviour_mut()
+            .kad
+            .kbuckets()
+            .flat_map(|bucket| {
+                bucket
+                    .iter()
+                    .map(|e| {
+                        (
+                            *e.node.key.preimage(),
+                            e.node.value.iter().cloned().collect(),
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        for (peer, addrs) in known {
+            self.dial_discovered(peer, addrs);
+        }
+    }
+
+    /// Dials a peer Kademlia told us about, unless it is connected, already being dialed,
+    /// or the node has reached `target_peers` (counting dials in flight).
+    fn dial_discovered(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        if peer == *self.swarm.local_peer_id() || self.swarm.is_connected(&peer) {
+            return;
+        }
+        let have = self.swarm.connected_peers().count() + self.discovery_dials.len();
+        if have >= self.target_peers {
+            return;
+        }
+        let opts = DialOpts::peer_id(peer)
+            .addresses(addrs)
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .build();
+        let connection = opts.connection_id();
+        match self.swarm.dial(opts) {
+            Ok(()) => {
+                debug!(%peer, "dialing a peer found by Kademlia");
+                self.discovery_dials.insert(connection);
+            }
+            Err(DialError::DialPeerConditionFalse(_)) => {}
+            Err(e) => debug!(%peer, error = %e, "dialing a peer found by Kademlia failed"),
+        }
+    }
+
+    fn handle_kad(&mut self, event: kad::Event) {
+        match event {
+            kad::Event::RoutingUpdated {
+                peer,
+                addresses,
+                is_new_peer,
+                ..
+            } => {
+                if is_new_peer {
+                    debug!(%peer, "Kademlia routing table gained a peer");
+                }
+                self.dial_discovered(peer, addresses.into_vec());
+            }
+            kad::Event::OutboundQueryProgressed { result, .. } => match result {
+                kad::QueryResult::GetClosestPeers(Ok(kad::GetClosestPeersOk { peers, .. }))
+                | kad::QueryResult::GetClosestPeers(Err(kad::GetClosestPeersError::Timeout {
+                    peers,
+                    ..
+                })) => {
+                    trace!(found = peers.len(), "random walk finished");
+                    for p in peers {
+                        self.dial_discovered(p.peer_id, p.addrs);
+                    }
+                }
+                kad::QueryResult::Bootstrap(Ok(step)) => {
+                    trace!(
+                        remaining = step.num_remaining,
+                        "Kademlia bootstrap step done"
+                    )
+                }
+                kad::QueryResult::Bootstrap(Err(e)) => {
+                    debug!(error = %e, "Kademlia bootstrap step failed")
+                }
+                other => trace!(?other, "Kademlia query progressed"),
+            },
+            // Record and provider writes are filtered and never stored: weft uses Kademlia
+            // for peer routing only.
+            other => trace!(?other, "Kademlia event"),
+        }
+    }
+}
+
+/// The connection-limits error behind a refusal, if the limits caused it.
+fn limit_exceeded(cause: &ConnectionDenied) -> Option<&Exceeded> {
+    cause.downcast_ref::<Exceeded>()
 }

@@ -1,8 +1,14 @@
 //! weft-net: weft's libp2p networking.
 //!
 //! [`start`] builds a swarm (TCP + noise + yamux; gossipsub, the `/weft/sync/1` pull
-//! protocol, mDNS, identify, ping), spawns the task that owns it, and returns a cloneable
-//! [`NetClient`] to drive it and a bounded stream of [`NetEvent`]s for the node.
+//! protocol, mDNS, identify, Kademlia, ping, connection limits), spawns the task that owns
+//! it, and returns a cloneable [`NetClient`] to drive it and a bounded stream of
+//! [`NetEvent`]s for the node.
+//!
+//! Discovery: one reachable bootstrap address is enough. Identify tells Kademlia every
+//! peer's listen addresses, Kademlia queries spread them, and the node dials what it learns
+//! until it has [`NetConfig::target_peers`] peers. Bootstrap addresses are redialed with
+//! backoff whenever their connection is lost; mDNS adds LAN peers without any address.
 //!
 //! Gossip carries batches of events on the topic `weft/<space>/events/1`; messages that
 //! do not decode are rejected here, the rest are handed to the node, which checks
@@ -22,27 +28,34 @@ mod config;
 mod error;
 mod event;
 mod event_loop;
+mod redial;
 pub mod wire;
 
 pub use behaviour::{
-    space_topic, HEARTBEAT, IDENTIFY_PROTOCOL, MESH_N, MESH_N_HIGH, MESH_N_LOW, MESH_OUTBOUND_MIN,
+    space_topic, HEARTBEAT, IDENTIFY_PROTOCOL, KAD_PROTOCOL, MESH_N, MESH_N_HIGH, MESH_N_LOW,
+    MESH_OUTBOUND_MIN,
 };
 pub use client::{NetClient, Verdict};
 pub use config::{
     NetConfig, DEFAULT_COMMAND_BUFFER, DEFAULT_EVENT_BUFFER, DEFAULT_IDLE_TIMEOUT,
-    DEFAULT_MAX_GOSSIP_BYTES, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_RESPONSE_BYTES,
-    DEFAULT_REQUEST_TIMEOUT, GOSSIP_ENVELOPE_RESERVE,
+    DEFAULT_MAX_ESTABLISHED, DEFAULT_MAX_ESTABLISHED_PER_PEER, DEFAULT_MAX_GOSSIP_BYTES,
+    DEFAULT_MAX_PENDING, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_RESPONSE_BYTES,
+    DEFAULT_REQUEST_TIMEOUT, DEFAULT_TARGET_PEERS, GOSSIP_ENVELOPE_RESERVE,
 };
 pub use error::NetError;
 pub use event::NetEvent;
+pub use event_loop::DISCOVERY_INTERVAL;
 pub use libp2p::{gossipsub::MessageId, Multiaddr, PeerId};
 pub use wire::{PullRequest, PullResponse};
 
+use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::{noise, tcp, yamux, SwarmBuilder};
 use tokio::sync::mpsc;
 
 /// Starts the network: builds the swarm, binds the listen addresses, dials the bootstrap
-/// addresses and spawns the event loop on the current tokio runtime.
+/// addresses and spawns the event loop on the current tokio runtime. A bootstrap address
+/// that cannot be reached yet is not an error: it is redialed with backoff; only an
+/// address the transport cannot dial at all (unsupported protocol) fails here.
 ///
 /// The loop runs until every [`NetClient`] clone is dropped. The node must keep reading
 /// the returned receiver: while it is full the loop stops reading from the network.
@@ -80,17 +93,21 @@ pub fn start(config: NetConfig) -> Result<(NetClient, mpsc::Receiver<NetEvent>),
                 reason: e.to_string(),
             })?;
     }
+    let mut bootstrap = redial::BootstrapPeers::default();
     for addr in &config.bootstrap {
-        swarm.dial(addr.clone()).map_err(|e| NetError::Dial {
+        let opts = DialOpts::unknown_peer_id().address(addr.clone()).build();
+        let connection = opts.connection_id();
+        swarm.dial(opts).map_err(|e| NetError::Dial {
             addr: addr.clone(),
             reason: e.to_string(),
         })?;
+        bootstrap.add_dialing(addr.clone(), connection);
     }
 
     let local_peer_id = *swarm.local_peer_id();
     let (command_tx, command_rx) = mpsc::channel(config.command_buffer);
     let (event_tx, event_rx) = mpsc::channel(config.event_buffer);
-    let event_loop = event_loop::EventLoop::new(swarm, command_rx, event_tx, &config);
+    let event_loop = event_loop::EventLoop::new(swarm, command_rx, event_tx, bootstrap, &config);
     tokio::spawn(event_loop.run());
     Ok((
         NetClient::new(command_tx, local_peer_id, config.max_batch_bytes()),

@@ -1,45 +1,17 @@
 //! Two or three real nodes on 127.0.0.1 (TCP, port 0, mDNS off): connection, pull,
 //! gossip, rejection of garbage gossip, and a pull the remote node never answers.
 
+mod common;
+
 use std::time::Duration;
 
+use common::{config, next, node, signed_events, Node, WAIT};
 use tokio::sync::mpsc::Receiver;
 use tokio::time::timeout;
-use weft_crdt::{
-    Event, Hlc, NodeId, Op, SigningKey, SpaceName, UnsignedEvent, VectorClock, VersionVector,
-};
+use weft_crdt::{Event, SpaceName, VersionVector};
 use weft_net::{
     Multiaddr, NetClient, NetConfig, NetError, NetEvent, PeerId, PullRequest, PullResponse, Verdict,
 };
-
-const WAIT: Duration = Duration::from_secs(15);
-
-fn config(seed: u8, bootstrap: Vec<Multiaddr>) -> NetConfig {
-    let mut c = NetConfig::new(SigningKey::from_bytes(&[seed; 32]));
-    c.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
-    c.bootstrap = bootstrap;
-    c.mdns = false;
-    c
-}
-
-struct Node {
-    client: NetClient,
-    events: Receiver<NetEvent>,
-    addr: Multiaddr,
-}
-
-async fn node(seed: u8, bootstrap: Vec<Multiaddr>, tweak: impl FnOnce(&mut NetConfig)) -> Node {
-    let mut c = config(seed, bootstrap);
-    tweak(&mut c);
-    let (client, events) = weft_net::start(c).unwrap();
-    let addrs = client.wait_listening(WAIT).await.unwrap();
-    let addr = addrs[0].clone();
-    Node {
-        client,
-        events,
-        addr,
-    }
-}
 
 /// Two nodes, the second bootstrapped to the first, both seeing the connection.
 async fn pair(tweak_a: impl FnOnce(&mut NetConfig)) -> (Node, Node) {
@@ -57,49 +29,6 @@ async fn pair(tweak_a: impl FnOnce(&mut NetConfig)) -> (Node, Node) {
     )
     .await;
     (a, b)
-}
-
-/// The next event matching `want`, skipping others; fails after `WAIT`.
-async fn next(events: &mut Receiver<NetEvent>, want: impl Fn(&NetEvent) -> bool) -> NetEvent {
-    timeout(WAIT, async {
-        loop {
-            match events.recv().await {
-                Some(e) if want(&e) => return e,
-                Some(_) => continue,
-                None => panic!("event channel closed"),
-            }
-        }
-    })
-    .await
-    .expect("timed out waiting for a network event")
-}
-
-fn signed_events(seed: u8, n: u64) -> Vec<Event> {
-    let key = SigningKey::from_bytes(&[seed; 32]);
-    let origin = NodeId::of(&key);
-    let space = SpaceName::default_space();
-    let mut prev = None;
-    (1..=n)
-        .map(|seq| {
-            let mut clock = VectorClock::new();
-            clock.set(origin, seq);
-            let e = UnsignedEvent {
-                origin,
-                seq,
-                clock,
-                hlc: Hlc::new(1_700_000_000_000 + seq, 0),
-                key: format!("todos/{seq}"),
-                op: Op::Put,
-                kind: "TodoAdded".into(),
-                payload: vec![0x63, b'a', b'b', b'c'],
-                meta: Default::default(),
-                prev,
-            }
-            .sign(&space, &key);
-            prev = Some(e.hash());
-            e
-        })
-        .collect()
 }
 
 fn pull_request() -> PullRequest {
@@ -369,5 +298,13 @@ async fn invalid_config_is_refused() {
     assert!(matches!(weft_net::start(c), Err(NetError::Config(_))));
     let mut c = config(1, vec![]);
     c.max_gossip_bytes = 1000;
+    assert!(matches!(weft_net::start(c), Err(NetError::Config(_))));
+    let mut c = config(1, vec![]);
+    c.max_established = 0;
+    assert!(matches!(weft_net::start(c), Err(NetError::Config(_))));
+    // A discovery target the connection limit could never allow.
+    let mut c = config(1, vec![]);
+    c.max_established = 4;
+    c.target_peers = 5;
     assert!(matches!(weft_net::start(c), Err(NetError::Config(_))));
 }

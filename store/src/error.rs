@@ -68,6 +68,19 @@ pub enum StoreError {
         /// The policy recorded for it.
         stored: PolicyIdentity,
     },
+    /// The LMDB map would have to grow past `StoreConfig::max_map_size` to hold the
+    /// write. Nothing of it was stored.
+    #[error("the store is full: its map is {map_size} bytes and may not grow past {max_map_size} (StoreConfig::max_map_size)")]
+    StoreFull {
+        /// The map's size when the write failed.
+        map_size: usize,
+        /// The configured limit.
+        max_map_size: usize,
+    },
+    /// A read was given a cursor this store did not hand out (or one for the other
+    /// direction).
+    #[error("bad cursor: {0}")]
+    BadCursor(String),
     /// The writer thread is gone (the store is shutting down or it panicked).
     #[error("the store's writer has stopped")]
     Closed,

@@ -16,13 +16,59 @@
 //! configured is a plain resolver space: its events are logged and its frontiers kept,
 //! and reads decide conflicts with whatever resolver the reader uses.
 //!
-//! Durability: every commit uses LMDB's default synchronous mode, so an answered
-//! `append` or `ingest` survives `kill -9` and power loss. A data directory must be
-//! opened by one process at a time: LMDB would let a second process in, and two writer
-//! threads with separate caches would hand out the same lsn twice.
+//! Reads: besides point reads, [`Store::read_events`] pages through the log in
+//! either direction with key-prefix, op and kind filters and opaque cursors,
+//! [`Store::key_history`] lists one key's events, and [`Store::get_at`] /
+//! [`Store::merged_state_at`] recompute a key as of an earlier lsn (`reads.rs`).
+//!
+//! Transactions: [`Store::append_transaction`] writes several keys atomically, here and
+//! on every replica (see `txn.rs` for the design: every event of a transaction names
+//! its whole group in reserved signed meta, and replicas apply a group only whole, in
+//! one commit).
+//!
+//! Checking: [`check`] verifies every invariant of a closed data directory offline and
+//! reports each violation (`check.rs`).
+//!
+//! # Durability: what survives `kill -9` and a power cut
+//!
+//! LMDB never overwrites a live page: a commit writes its new B-tree pages to free
+//! space (copy-on-write) and then one of two alternating meta pages to point at the new
+//! root. A crash at any moment leaves the other meta page, and the complete state it
+//! points to, intact: after a restart the store is at some committed transaction, never
+//! a torn one, and its indexes agree with its log because each command's writes to every
+//! table are in the same transaction. What differs between the modes is *which*
+//! committed transaction that is ([`StoreConfig::durability`]):
+//!
+//! - [`Durability::Full`] (the default): the writer's commit fsyncs the data pages and
+//!   then the meta page before any command in the batch is answered. An acknowledged
+//!   `append` or `ingest` survives both `kill -9` and a power cut.
+//! - [`Durability::Relaxed`]: the environment runs with `NO_SYNC`; a commit is answered
+//!   once its pages are written to the OS page cache, and the writer calls
+//!   `force_sync` at most every `flush_every` when it has committed since the last
+//!   flush (and on close). `kill -9` of the process loses nothing — the kernel still
+//!   has the pages and writes them out. A machine crash or power cut may lose the
+//!   commits of the last `flush_every` (it rolls back to an earlier committed state,
+//!   still consistent; lost local events are re-created with the same seqs, which a
+//!   peer that already received the lost ones would see as a fork — use it where
+//!   throughput matters more than the last few writes on power loss).
+//!
+//! A data directory must be opened by one process at a time: LMDB would let a second
+//! process in, and two writer threads with separate caches would hand out the same lsn
+//! twice.
+//!
+//! # The map never fills
+//!
+//! The LMDB map starts at [`StoreConfig::map_size`] and doubles whenever a batch runs
+//! out of it (the batch is aborted and retried whole, so callers never see `MapFull`)
+//! and ahead of time when the file passes 80% of it; see `map.rs` for how resizing is
+//! kept safe from concurrent read transactions.
 
+mod check;
 mod error;
+mod map;
+mod reads;
 mod tables;
+mod txn;
 mod verify;
 mod writer;
 
@@ -31,19 +77,24 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
-use heed::{Env, EnvOpenOptions, RoTxn, WithoutTls};
+use heed::{Env, EnvFlags, EnvOpenOptions, RoTxn, WithoutTls};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use weft_crdt::sync::{self, Offer, PageBuilder};
 use weft_crdt::{
     Event, Hlc, NodeId, Op, Policy, PolicyIdentity, SigningKey, SpaceName, VersionVector,
 };
 
+pub use crate::check::{check, CheckReport, SpaceCheck};
 pub use crate::error::StoreError;
+use crate::map::MapControl;
+pub use crate::reads::{Cursor, EventPage, EventQuery, Start, SCAN_BUDGET};
 use crate::tables::{
     space_meta_key, Tables, FORMAT_VERSION, MAX_DBS, MAX_TABLE_KEY, META_FORMAT, META_HLC,
     META_NODE_ID, SPACE_CONFLICTS,
 };
+pub use crate::txn::{MAX_TXN_WRITES, RESERVED_META_PREFIX, TXN_META_KEY};
 use crate::writer::{Command, Writer};
 
 /// How many applied events a slow subscriber may fall behind before it sees
@@ -56,10 +107,17 @@ const MAX_READERS: u32 = 1024;
 /// Tunables of a [`Store`].
 #[derive(Clone, Debug)]
 pub struct StoreConfig {
-    /// Largest size the LMDB file may grow to. The map is sparse, so a large value
-    /// costs address space, not disk. Rounded up to a multiple of 64 KiB (LMDB needs a
-    /// multiple of the page size).
+    /// Initial size of the LMDB map. The map grows by doubling whenever a write needs
+    /// more room (and ahead of time once the file passes 80% of it), so this only sets
+    /// where growth starts; an existing directory is opened with at least the size its
+    /// data needs. Rounded up to a multiple of 64 KiB (LMDB needs a multiple of the page
+    /// size). The map is sparse: its size costs address space, not disk.
     pub map_size: usize,
+    /// The map never grows past this; a write that would need more fails with
+    /// [`StoreError::StoreFull`] and stores nothing.
+    pub max_map_size: usize,
+    /// When commits reach the disk; see [`Durability`].
+    pub durability: Durability,
     /// Commands that may wait for the writer thread; further callers wait in `.await`
     /// (back-pressure instead of unbounded memory).
     pub writer_queue: usize,
@@ -71,9 +129,42 @@ pub struct StoreConfig {
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
-            map_size: 16 << 30,
+            map_size: 64 << 20,
+            max_map_size: 1 << 40,
+            durability: Durability::Full,
             writer_queue: 1024,
             max_batch: 1024,
+        }
+    }
+}
+
+/// When a commit is made durable. See the crate docs ("Durability") for what survives
+/// a killed process and a power cut in each mode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// Every commit is fsynced before any write in it is acknowledged. An acknowledged
+    /// write survives `kill -9` and a power cut. Costs one fsync per group commit.
+    #[default]
+    Full,
+    /// The environment runs with LMDB's `NO_SYNC`: a commit is acknowledged once it is in
+    /// the OS page cache, and the writer flushes to disk (`fsync`) at most every
+    /// `flush_every`, whenever it has committed something since the last flush, and
+    /// when the store closes. A killed process loses nothing; a machine crash or power
+    /// cut may lose the commits of the last `flush_every` (never a torn state).
+    Relaxed {
+        /// Longest time a commit may stay unflushed while the writer is running.
+        flush_every: Duration,
+    },
+}
+
+impl Durability {
+    /// The flush interval [`Durability::relaxed`] uses.
+    pub const DEFAULT_FLUSH_EVERY: Duration = Duration::from_millis(100);
+
+    /// [`Durability::Relaxed`] with [`Durability::DEFAULT_FLUSH_EVERY`].
+    pub fn relaxed() -> Self {
+        Durability::Relaxed {
+            flush_every: Self::DEFAULT_FLUSH_EVERY,
         }
     }
 }
@@ -187,6 +278,8 @@ struct Inner {
     /// The policies `configure_space` registered, for readers (see [`Store::policy`]).
     /// The writer keeps its own copy; this one is updated after the writer accepted.
     policies: RwLock<HashMap<SpaceName, Policy>>,
+    /// The map's size and the lock every read transaction holds shared (see `map.rs`).
+    map: Arc<MapControl>,
 }
 
 impl Drop for Inner {
@@ -215,11 +308,7 @@ impl Store {
         config: StoreConfig,
     ) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir)?;
-        const MAP_ALIGN: usize = 64 << 10;
-        let map_size = config
-            .map_size
-            .max(MAP_ALIGN)
-            .checked_next_multiple_of(MAP_ALIGN)
+        let map_size = map::round_up(config.map_size)
             .ok_or_else(|| StoreError::Io(std::io::Error::other("map_size too large")))?;
         let mut options = EnvOpenOptions::new().read_txn_without_tls();
         // Reads run on tokio's blocking pool (up to 512 threads by default), each with
@@ -228,6 +317,13 @@ impl Store {
             .map_size(map_size)
             .max_dbs(MAX_DBS)
             .max_readers(MAX_READERS);
+        if let Durability::Relaxed { .. } = config.durability {
+            // SAFETY: NO_SYNC only gives up durability of the commits since the last
+            // `force_sync` on a machine crash (documented on `Durability::Relaxed`); the
+            // writer flushes on a timer and on close. It never makes the file
+            // inconsistent: LMDB still writes data pages before the meta page.
+            unsafe { options.flags(EnvFlags::NO_SYNC) };
+        }
         // SAFETY: LMDB's memory map is only unsound if the file is modified behind its
         // back; the store is the only user of its directory (see the crate docs).
         let env = match unsafe { options.open(dir) } {
@@ -237,6 +333,10 @@ impl Store {
             }
             Err(e) => return Err(e.into()),
         };
+        let map = Arc::new(MapControl::new(env.clone(), config.max_map_size));
+        // LMDB opens an existing file with at least the map its data needs, which may
+        // leave no room at all: make some before the first write transaction below.
+        map.grow_if_nearly_full()?;
         if env.max_key_size() < MAX_TABLE_KEY {
             return Err(StoreError::Corrupt(format!(
                 "LMDB was built with a {}-byte key limit; weft needs {MAX_TABLE_KEY} (heed feature `longer-keys`)",
@@ -255,7 +355,9 @@ impl Store {
             hlc_last,
             config.max_batch,
             applied_tx.clone(),
-        )?;
+        )?
+        .with_map(map.clone())
+        .with_durability(config.durability);
         let (tx, rx) = mpsc::channel(config.writer_queue.max(1));
         let handle = std::thread::Builder::new()
             .name("weft-store-writer".into())
@@ -269,6 +371,7 @@ impl Store {
                 applied_tx,
                 writer: Some(handle),
                 policies: RwLock::new(HashMap::new()),
+                map,
             }),
         })
     }
@@ -283,8 +386,8 @@ impl Store {
     /// The event gets the next seq of this node in the space, the space's version
     /// vector as its clock (everything this node has applied happened before it), a
     /// fresh HLC reading and the hash of this node's previous event as `prev`. Invalid
-    /// fields fail with [`StoreError::Invalid`] before anything is stored or any seq is
-    /// used.
+    /// fields, and meta keys starting with [`RESERVED_META_PREFIX`], fail with
+    /// [`StoreError::Invalid`] before anything is stored or any seq is used.
     pub async fn append(&self, space: &SpaceName, write: Write) -> Result<Applied, StoreError> {
         weft_crdt::check_write_fields(
             &write.key,
@@ -293,11 +396,53 @@ impl Store {
             &write.payload,
             &write.meta,
         )
+        .and_then(|()| txn::check_user_meta(&write.meta))
         .map_err(StoreError::Invalid)?;
         let (reply, answer) = oneshot::channel();
         self.send(Command::Append {
             space: space.clone(),
             write,
+            reply,
+        })
+        .await?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Appends several writes as one atomic transaction and returns once all are
+    /// durable: consecutive seqs of this node, one commit, all or nothing.
+    ///
+    /// If any write is invalid (see [`Store::append`]; also more than
+    /// [`MAX_TXN_WRITES`] writes) nothing is stored and no seq is used. Each event
+    /// carries the signed meta entry [`TXN_META_KEY`] = `"<first seq>/<count>"`, and a
+    /// replica ingesting them applies none until it holds all, then all in one commit:
+    /// no reader anywhere sees part of the transaction. An empty list does nothing.
+    pub async fn append_transaction(
+        &self,
+        space: &SpaceName,
+        writes: Vec<Write>,
+    ) -> Result<Vec<Applied>, StoreError> {
+        if writes.is_empty() {
+            return Ok(Vec::new());
+        }
+        if writes.len() > MAX_TXN_WRITES {
+            return Err(StoreError::Invalid(weft_crdt::EventError::Limit(format!(
+                "a transaction has {} writes; the limit is {MAX_TXN_WRITES}",
+                writes.len()
+            ))));
+        }
+        let longest = txn::longest_tag();
+        for w in &writes {
+            txn::check_user_meta(&w.meta).map_err(StoreError::Invalid)?;
+            // Checked with the tag the writer will add, so the limits hold for it too.
+            let mut meta = w.meta.clone();
+            meta.insert(TXN_META_KEY.to_owned(), longest.clone());
+            weft_crdt::check_write_fields(&w.key, w.op, &w.kind, &w.payload, &meta)
+                .map_err(StoreError::Invalid)?;
+        }
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Transaction {
+            space: space.clone(),
+            writes,
             reply,
         })
         .await?;
@@ -414,7 +559,11 @@ impl Store {
         }
         let checked_space = space.clone();
         let events = tokio::task::spawn_blocking(move || {
-            verify::verify_batch(&checked_space, &events).map(|()| events)
+            verify::verify_batch(&checked_space, &events)?;
+            for e in &events {
+                txn::group_of(e).map_err(|reason| StoreError::Rejected { id: e.id(), reason })?;
+            }
+            Ok::<_, StoreError>(events)
         })
         .await??;
         let (reply, answer) = oneshot::channel();
@@ -552,6 +701,12 @@ impl Store {
         self.inner.applied_tx.subscribe()
     }
 
+    /// The LMDB map's current size in bytes. It starts at [`StoreConfig::map_size`] and
+    /// doubles as the data grows.
+    pub fn map_size(&self) -> usize {
+        self.inner.map.map_size()
+    }
+
     async fn send(&self, cmd: Command) -> Result<(), StoreError> {
         let tx = self.inner.commands.as_ref().ok_or(StoreError::Closed)?;
         tx.send(cmd).await.map_err(|_| StoreError::Closed)
@@ -568,6 +723,8 @@ impl Store {
         let inner = self.inner.clone();
         let name = space.clone();
         tokio::task::spawn_blocking(move || {
+            // Declared before the transaction, so it is released after it ends.
+            let _no_resize = inner.map.read_guard();
             let txn = inner.env.read_txn()?;
             match inner.tables.space_id(&txn, name.as_str())? {
                 Some(sid) => f(&inner.tables, &txn, sid),

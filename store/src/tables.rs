@@ -70,6 +70,12 @@ pub(crate) const MAX_DBS: u32 = 16;
 
 type Table = Database<'static, Bytes, Bytes>;
 
+/// A key's history entries as `(lsn, conflict flag)`, in either direction.
+pub(crate) type History<'t> = Box<dyn Iterator<Item = Result<(u64, bool), StoreError>> + 't>;
+
+/// Log entries as `(lsn, encoded event)`, in either direction.
+pub(crate) type LogScan<'t> = Box<dyn Iterator<Item = Result<(u64, &'t [u8]), StoreError>> + 't>;
+
 /// Handles of the named databases. `Copy`: a handle is an index into the environment.
 #[derive(Clone, Copy)]
 pub(crate) struct Tables {
@@ -110,7 +116,7 @@ impl IdEntry {
         out
     }
 
-    fn from_bytes(b: &[u8]) -> Result<Self, StoreError> {
+    pub fn from_bytes(b: &[u8]) -> Result<Self, StoreError> {
         if b.len() != 40 {
             return Err(StoreError::Corrupt(format!(
                 "by_id entry is {} bytes, expected 40",
@@ -141,7 +147,7 @@ pub(crate) fn be_u32(b: &[u8], what: &str) -> Result<u32, StoreError> {
     Ok(u32::from_be_bytes(arr))
 }
 
-fn node_at(b: &[u8], what: &str) -> Result<NodeId, StoreError> {
+pub(crate) fn node_at(b: &[u8], what: &str) -> Result<NodeId, StoreError> {
     let arr: [u8; 32] = b
         .get(..32)
         .and_then(|s| s.try_into().ok())
@@ -187,9 +193,13 @@ pub(crate) fn space_meta_key(sid: SpaceId, field: &[u8]) -> Vec<u8> {
 }
 
 pub(crate) fn history_key(sid: SpaceId, key: &str, lsn: u64) -> Vec<u8> {
+    history_key_bytes(sid, key.as_bytes(), lsn)
+}
+
+pub(crate) fn history_key_bytes(sid: SpaceId, key: &[u8], lsn: u64) -> Vec<u8> {
     let mut k = Vec::with_capacity(4 + key.len() + 9);
     k.extend_from_slice(&sid.to_be_bytes());
-    k.extend_from_slice(key.as_bytes());
+    k.extend_from_slice(key);
     k.push(0);
     k.extend_from_slice(&lsn.to_be_bytes());
     k
@@ -214,7 +224,10 @@ pub(crate) fn encode_cbor(value: &impl serde::Serialize, capacity: usize) -> Vec
     out
 }
 
-fn decode_frontier(b: &[u8], what: impl std::fmt::Display) -> Result<Frontier, StoreError> {
+pub(crate) fn decode_frontier(
+    b: &[u8],
+    what: impl std::fmt::Display,
+) -> Result<Frontier, StoreError> {
     ciborium::from_reader(b).map_err(|e| StoreError::Corrupt(format!("frontier of {what}: {e}")))
 }
 
@@ -241,6 +254,47 @@ impl Tables {
         let (spaces, meta, events, by_id, by_key, frontier, vv, pending, state, space_meta) = made
             .commit()
             .ok_or_else(|| StoreError::Corrupt("creating the tables was aborted".into()))?;
+        Ok(Tables {
+            spaces,
+            meta,
+            events,
+            by_id,
+            by_key,
+            frontier,
+            vv,
+            pending,
+            state,
+            space_meta,
+        })
+    }
+
+    /// Opens the tables of an existing store without creating anything, for the
+    /// offline checker (which may run on a read-only environment).
+    pub fn open_existing(env: &Env<WithoutTls>) -> Result<Tables, StoreError> {
+        let rtxn = env.read_txn()?;
+        let opened = env.open_databases_and_commit(rtxn, |dbo, rtxn| {
+            let t = |name: &str| {
+                dbo.open_database::<Bytes, Bytes>(rtxn, Some(name))?
+                    .ok_or_else(|| StoreError::Corrupt(format!("table {name} is missing")))
+            };
+            let all = (
+                t("spaces")?,
+                t("meta")?,
+                t("events")?,
+                t("by_id")?,
+                t("by_key")?,
+                t("frontier")?,
+                t("vv")?,
+                t("pending")?,
+                t("state")?,
+                t("space_meta")?,
+            );
+            Ok::<_, StoreError>(CommitOrAbort::<_, ()>::Commit(all))
+        })?;
+        let (spaces, meta, events, by_id, by_key, frontier, vv, pending, state, space_meta) =
+            opened
+                .commit()
+                .ok_or_else(|| StoreError::Corrupt("opening the tables was aborted".into()))?;
         Ok(Tables {
             spaces,
             meta,
@@ -466,5 +520,83 @@ impl Tables {
             start = id_key(sid, &next, u64::MAX).to_vec();
         }
         Ok(out)
+    }
+
+    /// Applied events with lsn <= `to`, descending, as raw bytes with their lsn.
+    pub fn events_down_from<'t>(
+        &self,
+        txn: &'t RoTxn,
+        sid: SpaceId,
+        to: u64,
+    ) -> Result<impl Iterator<Item = Result<(u64, &'t [u8]), StoreError>> + 't, StoreError> {
+        let start = event_key(sid, 0);
+        let end = event_key(sid, to);
+        let range = (Bound::Included(&start[..]), Bound::Included(&end[..]));
+        let iter = self.events.rev_range(txn, &range)?;
+        Ok(iter.map(|entry| {
+            let (k, v) = entry?;
+            Ok((be_u64(&k[4..], "event key lsn")?, v))
+        }))
+    }
+
+    /// The applied event at `lsn`, which an index says exists.
+    pub fn event_at(&self, txn: &RoTxn, sid: SpaceId, lsn: u64) -> Result<Event, StoreError> {
+        let bytes = self
+            .events
+            .get(txn, &event_key(sid, lsn))?
+            .ok_or_else(|| StoreError::Corrupt(format!("an index names missing lsn {lsn}")))?;
+        decode_event(bytes, format_args!("event at lsn {lsn}"))
+    }
+
+    /// One key's history entries with `from <= lsn <= to`, in lsn order (descending if
+    /// `descending`), as `(lsn, conflict flag)`.
+    pub fn history<'t>(
+        &self,
+        txn: &'t RoTxn,
+        sid: SpaceId,
+        key: &[u8],
+        from: u64,
+        to: u64,
+        descending: bool,
+    ) -> Result<History<'t>, StoreError> {
+        let start = history_key_bytes(sid, key, from);
+        let end = history_key_bytes(sid, key, to);
+        let range = (Bound::Included(&start[..]), Bound::Included(&end[..]));
+        let parse = |entry: Result<(&[u8], &[u8]), heed::Error>| {
+            let (k, v) = entry?;
+            let lsn = be_u64(&k[k.len().saturating_sub(8)..], "by_key lsn")?;
+            Ok((lsn, v.first().is_some_and(|f| f & HISTORY_CONFLICT != 0)))
+        };
+        Ok(if descending {
+            Box::new(self.by_key.rev_range(txn, &range)?.map(parse))
+        } else {
+            Box::new(self.by_key.range(txn, &range)?.map(parse))
+        })
+    }
+
+    /// The first record key at or after `from` (a record key or a prefix of one) that
+    /// has a history, found with one lookup: `by_key` entries are ordered by key, then
+    /// lsn.
+    pub fn next_history_key(
+        &self,
+        txn: &RoTxn,
+        sid: SpaceId,
+        from: &[u8],
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut start = Vec::with_capacity(4 + from.len());
+        start.extend_from_slice(&sid.to_be_bytes());
+        start.extend_from_slice(from);
+        let range = (Bound::Included(&start[..]), Bound::Unbounded);
+        let Some(entry) = self.by_key.range(txn, &range)?.next() else {
+            return Ok(None);
+        };
+        let (k, _) = entry?;
+        if !k.starts_with(&sid.to_be_bytes()) {
+            return Ok(None);
+        }
+        let key = k
+            .get(4..k.len().saturating_sub(9))
+            .ok_or_else(|| StoreError::Corrupt("by_key entry is too short".into()))?;
+        Ok(Some(key.to_vec()))
     }
 }

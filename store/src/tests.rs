@@ -1,9 +1,12 @@
 //! Behaviour the node relies on, each test on fresh temporary directories.
 
 use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use tempfile::TempDir;
 use weft_crdt::limits::MAX_PAYLOAD_BYTES;
+use weft_crdt::Frontier;
 use weft_crdt::{EventError, EventHash, Hlc, UnsignedEvent, VectorClock};
 
 use super::*;
@@ -1063,4 +1066,843 @@ async fn digests_agree_exactly_when_the_same_events_are_applied() {
         a.digest(&never).await.unwrap(),
         f.digest(&never).await.unwrap()
     );
+}
+
+// ---- Durability modes and map growth ----
+
+fn open_with(dir: &TempDir, seed: u8, config: StoreConfig) -> Store {
+    Store::open(dir.path(), key(seed), config).unwrap()
+}
+
+#[tokio::test]
+async fn relaxed_durability_runs_without_sync_and_keeps_everything_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StoreConfig {
+        durability: Durability::Relaxed {
+            flush_every: Duration::from_millis(20),
+        },
+        ..StoreConfig::default()
+    };
+    {
+        let store = open_with(&dir, 1, config.clone());
+        let flags = store.inner.env.get_flags().unwrap();
+        assert_ne!(
+            flags & EnvFlags::NO_SYNC.bits(),
+            0,
+            "relaxed mode skips fsync"
+        );
+        for i in 0..50u8 {
+            put(&store, &format!("k{i}"), &[i]).await;
+        }
+        // Let the timer flush at least once while the writer is idle.
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        put(&store, "last", b"x").await;
+    }
+    let store = open(&dir, 1);
+    let flags = store.inner.env.get_flags().unwrap();
+    assert_eq!(
+        flags & EnvFlags::NO_SYNC.bits(),
+        0,
+        "full mode syncs every commit"
+    );
+    assert_eq!(store.stats(&space()).await.unwrap().events, 51);
+    assert_eq!(
+        store.get(&space(), "last").await.unwrap()[0].payload,
+        b"x".to_vec()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_map_grows_from_a_tiny_start_and_every_write_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StoreConfig {
+        map_size: 1 << 20,
+        ..StoreConfig::default()
+    };
+    let store = open_with(&dir, 1, config.clone());
+    assert_eq!(store.map_size(), 1 << 20);
+    // Concurrent appends make batches of hundreds of 1 KiB events: several batches
+    // need more room than the map has left and must be retried after growing it.
+    let mut tasks = Vec::new();
+    for t in 0..50u32 {
+        let s = store.clone();
+        tasks.push(tokio::spawn(async move {
+            // Reads run alongside, so resizes have readers to wait for.
+            for i in 0..100u32 {
+                let payload = vec![(t + i) as u8; 1024];
+                s.append(&space(), Write::put(format!("k/{t}/{i}"), payload))
+                    .await?;
+                if i % 10 == 0 {
+                    s.stats(&space()).await?;
+                }
+            }
+            Ok::<_, StoreError>(())
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let stats = store.stats(&space()).await.unwrap();
+    assert_eq!(stats.events, 5_000);
+    assert_eq!(stats.version_vector.get(&store.node_id()), 5_000);
+    let all = store.events_since(&space(), 0, usize::MAX).await.unwrap();
+    assert_eq!(all.len(), 5_000);
+    assert!(all.iter().all(|a| a.event.payload.len() == 1024));
+    let got = store.get(&space(), "k/49/99").await.unwrap();
+    assert_eq!(got[0].payload, vec![(49 + 99) as u8; 1024]);
+    assert!(store.map_size() >= 8 << 20, "map is {}", store.map_size());
+    assert!(store.inner.map.grows.load(Ordering::Relaxed) >= 3);
+
+    // Reopened with the tiny configured size, the store maps what its data needs and
+    // keeps room to write.
+    drop(store);
+    let store = open_with(&dir, 1, config);
+    assert!(store.map_size() > 5 << 20);
+    put(&store, "after", &[1; 1024]).await;
+    assert_eq!(store.stats(&space()).await.unwrap().events, 5_001);
+}
+
+#[tokio::test]
+async fn a_batch_that_overflows_the_map_is_retried_whole_after_growing_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StoreConfig {
+        map_size: 1 << 20,
+        ..StoreConfig::default()
+    };
+    let store = open_with(&dir, 2, config);
+    // Drive one batch by hand, so that it is certainly one transaction: 1,500 events
+    // of 1 KiB cannot fit in a 1 MiB map.
+    let (tx, _rx) = broadcast::channel(16);
+    let mut writer = Writer::new(
+        store.inner.env.clone(),
+        store.inner.tables,
+        key(2),
+        Hlc::default(),
+        2_000,
+        tx,
+    )
+    .unwrap()
+    .with_map(store.inner.map.clone());
+    let mut answers = Vec::new();
+    let mut batch = Vec::new();
+    for i in 0..1_500u32 {
+        let (reply, answer) = oneshot::channel();
+        batch.push(Command::Append {
+            space: space(),
+            write: Write::put(format!("k{i}"), vec![i as u8; 1024]),
+            reply,
+        });
+        answers.push(answer);
+    }
+    writer.run_batch(batch);
+    let mut lsns = Vec::new();
+    for answer in answers {
+        lsns.push(answer.await.unwrap().unwrap().lsn);
+    }
+    assert_eq!(lsns, (1..=1_500).collect::<Vec<u64>>(), "no gap, no repeat");
+    assert!(store.inner.map.retries.load(Ordering::Relaxed) >= 1);
+    assert!(store.map_size() > 1 << 20);
+    let stats = store.stats(&space()).await.unwrap();
+    assert_eq!(stats.events, 1_500);
+    let events = all_events(&store).await;
+    for pair in events.windows(2) {
+        assert_eq!(pair[1].prev, Some(pair[0].hash()), "one chain, signed once");
+    }
+}
+
+#[tokio::test]
+async fn a_map_that_may_not_grow_refuses_the_write_and_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StoreConfig {
+        map_size: 1 << 20,
+        max_map_size: 1 << 20,
+        max_batch: 1,
+        ..StoreConfig::default()
+    };
+    let store = open_with(&dir, 3, config);
+    let mut refused = None;
+    for i in 0..2_000u32 {
+        match store
+            .append(&space(), Write::put(format!("k{i}"), vec![0; 1024]))
+            .await
+        {
+            Ok(_) => {}
+            Err(e) => {
+                refused = Some((i, e));
+                break;
+            }
+        }
+    }
+    let (i, e) = refused.expect("a 1 MiB map took 2 MiB of events");
+    assert!(matches!(e, StoreError::StoreFull { .. }), "{e}");
+    assert_eq!(store.stats(&space()).await.unwrap().events, u64::from(i));
+}
+
+// ---- Reads in every shape ----
+
+fn lsns(page: &EventPage) -> Vec<u64> {
+    page.events.iter().map(|a| a.lsn).collect()
+}
+
+async fn read(store: &Store, query: EventQuery) -> EventPage {
+    store.read_events(&space(), query).await.unwrap()
+}
+
+#[tokio::test]
+async fn read_events_pages_in_both_directions_with_filters_and_cursors() {
+    let (_dir, store) = fresh(1);
+    // lsn: 1 a/1 put, 2 b/1 put, 3 a/2 put (kind Renamed), 4 a/1 delete, 5 ab put,
+    // 6 b/1 put, 7 a/2 put (kind Renamed)
+    put(&store, "a/1", b"1").await;
+    put(&store, "b/1", b"2").await;
+    let mut renamed = Write::put("a/2", b"3".to_vec());
+    renamed.kind = "Renamed".into();
+    store.append(&space(), renamed.clone()).await.unwrap();
+    store.append(&space(), Write::delete("a/1")).await.unwrap();
+    put(&store, "ab", b"5").await;
+    put(&store, "b/1", b"6").await;
+    store.append(&space(), renamed).await.unwrap();
+
+    // Oldest first, two per page, to the end.
+    let mut query = EventQuery {
+        limit: 2,
+        ..EventQuery::default()
+    };
+    let mut seen = Vec::new();
+    loop {
+        let page = read(&store, query.clone()).await;
+        seen.extend(lsns(&page));
+        if page.at_end {
+            assert_eq!(page.next.as_ref().unwrap().as_str(), "c1-a-8");
+            break;
+        }
+        query.start = page.next.unwrap().into();
+    }
+    assert_eq!(seen, [1, 2, 3, 4, 5, 6, 7]);
+
+    // Latest, ascending: nothing now, and the cursor yields what comes next.
+    let tail = read(
+        &store,
+        EventQuery {
+            start: Start::Latest,
+            ..EventQuery::default()
+        },
+    )
+    .await;
+    assert!(tail.events.is_empty() && tail.at_end);
+    put(&store, "c", b"8").await;
+    let page = read(
+        &store,
+        EventQuery {
+            start: tail.next.unwrap().into(),
+            ..EventQuery::default()
+        },
+    )
+    .await;
+    assert_eq!(lsns(&page), [8]);
+
+    // Latest, descending: newest first, to the oldest, then no cursor.
+    let page = read(
+        &store,
+        EventQuery {
+            start: Start::Latest,
+            limit: 3,
+            descending: true,
+            ..EventQuery::default()
+        },
+    )
+    .await;
+    assert_eq!(lsns(&page), [8, 7, 6]);
+    assert!(!page.at_end);
+    let rest = read(
+        &store,
+        EventQuery {
+            start: page.next.unwrap().into(),
+            limit: 10,
+            descending: true,
+            ..EventQuery::default()
+        },
+    )
+    .await;
+    assert_eq!(lsns(&rest), [5, 4, 3, 2, 1]);
+    assert!(rest.at_end && rest.next.is_none());
+
+    // AtLsn is inclusive, AfterLsn exclusive, in either direction.
+    let at = |start, descending| EventQuery {
+        start,
+        limit: 2,
+        descending,
+        ..EventQuery::default()
+    };
+    assert_eq!(
+        lsns(&read(&store, at(Start::AtLsn(3), false)).await),
+        [3, 4]
+    );
+    assert_eq!(
+        lsns(&read(&store, at(Start::AfterLsn(3), false)).await),
+        [4, 5]
+    );
+    assert_eq!(lsns(&read(&store, at(Start::AtLsn(3), true)).await), [3, 2]);
+    assert_eq!(
+        lsns(&read(&store, at(Start::AfterLsn(3), true)).await),
+        [2, 1]
+    );
+    assert_eq!(
+        lsns(&read(&store, at(Start::AtLsn(99), true)).await),
+        [8, 7]
+    );
+    assert!(read(&store, at(Start::AfterLsn(99), false))
+        .await
+        .events
+        .is_empty());
+
+    // A key prefix, merged by lsn across keys ("ab" is under "a", "a/" is not).
+    let by_prefix = |prefix: &str, limit| EventQuery {
+        key_prefix: Some(prefix.into()),
+        limit,
+        ..EventQuery::default()
+    };
+    assert_eq!(lsns(&read(&store, by_prefix("a/", 10)).await), [1, 3, 4, 7]);
+    assert_eq!(
+        lsns(&read(&store, by_prefix("a", 10)).await),
+        [1, 3, 4, 5, 7]
+    );
+    assert_eq!(lsns(&read(&store, by_prefix("", 3)).await), [1, 2, 3]);
+    assert!(read(&store, by_prefix("zzz", 10)).await.at_end);
+    let first = read(&store, by_prefix("a/", 3)).await;
+    assert_eq!(lsns(&first), [1, 3, 4]);
+    let mut q = by_prefix("a/", 3);
+    q.start = first.next.unwrap().into();
+    let second = read(&store, q).await;
+    assert_eq!(lsns(&second), [7]);
+    assert!(second.at_end);
+    let mut q = by_prefix("a", 2);
+    q.descending = true;
+    q.start = Start::Latest;
+    assert_eq!(lsns(&read(&store, q).await), [7, 5]);
+
+    // Op and kind filters, alone and with a prefix.
+    let deletes = read(
+        &store,
+        EventQuery {
+            op: Some(Op::Delete),
+            ..EventQuery::default()
+        },
+    )
+    .await;
+    assert_eq!(lsns(&deletes), [4]);
+    let mut q = by_prefix("a", 10);
+    q.kind = Some("Renamed".into());
+    assert_eq!(lsns(&read(&store, q).await), [3, 7]);
+
+    // Cursors this store did not hand out are refused with a clear error.
+    for (text, descending) in [
+        ("garbage", false),
+        ("c1-d-3", false),
+        ("c1-a-3", true),
+        ("c1-a-x", false),
+        ("c9-a-3", false),
+    ] {
+        let q = EventQuery {
+            start: Start::Cursor(text.into()),
+            descending,
+            ..EventQuery::default()
+        };
+        match store.read_events(&space(), q).await {
+            Err(StoreError::BadCursor(msg)) => assert!(msg.contains(text), "{msg}"),
+            other => panic!("cursor {text:?} accepted: {other:?}"),
+        }
+    }
+    // Also for a space never written.
+    let never = SpaceName::new("never").unwrap();
+    let q = EventQuery {
+        start: Start::Cursor("nope".into()),
+        ..EventQuery::default()
+    };
+    assert!(matches!(
+        store.read_events(&never, q).await,
+        Err(StoreError::BadCursor(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rare_filter_is_bounded_by_the_scan_budget_and_continues_by_cursor() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with(
+        &dir,
+        1,
+        StoreConfig {
+            durability: Durability::relaxed(),
+            ..StoreConfig::default()
+        },
+    );
+    let n = SCAN_BUDGET as u64 + 50;
+    let mut tasks = Vec::new();
+    for t in 0..8u64 {
+        let s = store.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in (t..n - 1).step_by(8) {
+                s.append(&space(), Write::put(format!("k{i}"), vec![1]))
+                    .await?;
+            }
+            Ok::<_, StoreError>(())
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    store.append(&space(), Write::delete("k0")).await.unwrap();
+    let mut query = EventQuery {
+        op: Some(Op::Delete),
+        ..EventQuery::default()
+    };
+    let page = read(&store, query.clone()).await;
+    assert!(
+        page.events.is_empty() && !page.at_end,
+        "budget stops the scan"
+    );
+    query.start = page.next.unwrap().into();
+    let page = read(&store, query).await;
+    assert_eq!(lsns(&page), [n]);
+    assert!(page.at_end);
+}
+
+#[tokio::test]
+async fn key_history_and_reads_as_of_an_earlier_position() {
+    let (_da, a) = fresh(1);
+    let (_db, b) = fresh(2);
+    for s in [&a, &b] {
+        s.configure_space(&space(), multi()).await.unwrap();
+    }
+    let a1 = put(&a, "doc", b"a1").await; // a: lsn 1
+    put(&a, "other", b"x").await; // a: lsn 2
+    let b1 = put(&b, "doc", b"b1").await;
+    a.ingest(&space(), vec![b1.event.clone()]).await.unwrap(); // a: lsn 3, conflict
+    let a2 = put(&a, "doc", b"a2").await; // a: lsn 4, resolves
+
+    let history = a.key_history(&space(), "doc", None, 10).await.unwrap();
+    assert_eq!(history.iter().map(|x| x.lsn).collect::<Vec<_>>(), [1, 3, 4]);
+    assert_eq!(
+        history.iter().map(|x| x.conflict).collect::<Vec<_>>(),
+        [false, true, false]
+    );
+    let later = a.key_history(&space(), "doc", Some(1), 1).await.unwrap();
+    assert_eq!(later.iter().map(|x| x.lsn).collect::<Vec<_>>(), [3]);
+    assert!(a
+        .key_history(&space(), "nope", None, 10)
+        .await
+        .unwrap()
+        .is_empty());
+
+    assert!(a.get_at(&space(), "doc", 0).await.unwrap().is_empty());
+    assert_eq!(
+        a.get_at(&space(), "doc", 2).await.unwrap(),
+        vec![a1.event.clone()]
+    );
+    let mut both = vec![a1.event.clone(), b1.event.clone()];
+    both.sort_by_key(Event::id);
+    assert_eq!(a.get_at(&space(), "doc", 3).await.unwrap(), both);
+    assert_eq!(
+        a.get_at(&space(), "doc", u64::MAX).await.unwrap(),
+        a.get(&space(), "doc").await.unwrap()
+    );
+    assert_eq!(a.get_at(&space(), "doc", 4).await.unwrap(), vec![a2.event]);
+
+    // Merge spaces: the fold as of each position.
+    let (_dc, c) = fresh(3);
+    c.configure_space(&space(), sum()).await.unwrap();
+    add(&c, "n", 1).await;
+    add(&c, "m", 100).await;
+    add(&c, "n", 2).await;
+    c.append(&space(), Write::delete("n")).await.unwrap();
+    add(&c, "n", 5).await;
+    let sp = space();
+    let at = |lsn| c.merged_state_at(&sp, "n", lsn);
+    assert_eq!(at(0).await.unwrap(), None);
+    assert_eq!(at(1).await.unwrap(), Some(cbor_int(1)));
+    assert_eq!(at(2).await.unwrap(), Some(cbor_int(1)));
+    assert_eq!(at(3).await.unwrap(), Some(cbor_int(3)));
+    assert_eq!(at(4).await.unwrap(), Some(cbor_int(0)));
+    assert_eq!(
+        at(5).await.unwrap(),
+        c.merged_state(&space(), "n").await.unwrap()
+    );
+    // A resolver space has no merge state.
+    assert_eq!(a.merged_state_at(&space(), "doc", 4).await.unwrap(), None);
+}
+
+// ---- The offline checker ----
+
+/// A directory with two spaces: a multi-value space with two origins, a conflict and a
+/// parked event, and a counter space with merge states. Closed when this returns.
+async fn populated() -> TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let a = open(&dir, 1);
+    let (_db, b) = fresh(2);
+    let (_dc, c) = fresh(3);
+    for s in [&a, &b, &c] {
+        s.configure_space(&space(), multi()).await.unwrap();
+    }
+    put(&a, "doc", b"a").await;
+    put(&a, "other", b"x").await;
+    let from_b = put(&b, "doc", b"b").await;
+    put(&b, "b-only", b"y").await;
+    a.ingest(&space(), all_events(&b).await).await.unwrap();
+    put(&a, "other", b"z").await;
+    assert!(from_b.conflict || a.stats(&space()).await.unwrap().conflicts == 1);
+    put(&c, "c", b"1").await;
+    let c2 = put(&c, "c", b"2").await;
+    assert_eq!(a.ingest(&space(), vec![c2.event]).await.unwrap().parked, 1);
+
+    let counts = SpaceName::new("counts").unwrap();
+    a.configure_space(&counts, weft_crdt::PolicyKind::Counter.policy())
+        .await
+        .unwrap();
+    for n in [1, 2, 3] {
+        a.append(&counts, Write::put("n", cbor_int(n)))
+            .await
+            .unwrap();
+    }
+    a.append(&counts, Write::put("m", cbor_int(7)))
+        .await
+        .unwrap();
+    drop(a);
+    dir
+}
+
+/// Changes the closed store in `dir` behind its back, in one raw write transaction.
+fn tamper(dir: &TempDir, f: impl FnOnce(&Tables, &mut heed::RwTxn)) {
+    let mut options = EnvOpenOptions::new().read_txn_without_tls();
+    options.map_size(64 << 20).max_dbs(MAX_DBS);
+    let env = unsafe { options.open(dir.path()) }.unwrap();
+    let t = Tables::create(&env).unwrap();
+    let mut txn = env.write_txn().unwrap();
+    f(&t, &mut txn);
+    txn.commit().unwrap();
+    drop(env);
+}
+
+fn violations_of(report: &CheckReport, space: &str) -> Vec<String> {
+    report
+        .spaces
+        .iter()
+        .find(|s| s.space == space)
+        .map(|s| s.violations.clone())
+        .unwrap_or_default()
+}
+
+fn sid_of(t: &Tables, txn: &heed::RwTxn, name: &str) -> tables::SpaceId {
+    t.space_id(txn, name).unwrap().unwrap()
+}
+
+#[tokio::test]
+async fn a_clean_store_checks_clean_and_check_changes_nothing() {
+    let dir = populated().await;
+    let report = check(dir.path()).unwrap();
+    assert!(report.is_clean(), "{report:#?}");
+    let todo = report.spaces.iter().find(|s| s.space == "todo").unwrap();
+    assert_eq!(todo.events, 5);
+    let counts = report.spaces.iter().find(|s| s.space == "counts").unwrap();
+    assert_eq!(counts.events, 4);
+    assert!(counts.skipped.is_empty(), "built-in merges are recomputed");
+    // The store opens and works as before.
+    let store = open(&dir, 1);
+    assert_eq!(store.stats(&space()).await.unwrap().pending, 1);
+    drop(store);
+    // An open store is refused rather than checked under its writer's feet.
+    let store = open(&dir, 1);
+    assert!(matches!(check(dir.path()), Err(StoreError::AlreadyOpen(_))));
+    drop(store);
+}
+
+#[tokio::test]
+async fn a_missing_by_id_entry_is_named() {
+    let dir = populated().await;
+    let a = NodeId::of(&key(1));
+    tamper(&dir, |t, txn| {
+        let sid = sid_of(t, txn, "todo");
+        assert!(t.by_id.delete(txn, &tables::id_key(sid, &a, 2)).unwrap());
+    });
+    let v = violations_of(&check(dir.path()).unwrap(), "todo");
+    assert!(
+        v.iter()
+            .any(|m| m.contains(&format!("event {a}:2 at lsn 2: missing from by_id"))),
+        "{v:#?}"
+    );
+}
+
+#[tokio::test]
+async fn a_wrong_version_vector_entry_is_named() {
+    let dir = populated().await;
+    let b = NodeId::of(&key(2));
+    tamper(&dir, |t, txn| {
+        let sid = sid_of(t, txn, "todo");
+        t.vv.put(txn, &tables::origin_key(sid, &b), &5u64.to_be_bytes())
+            .unwrap();
+    });
+    let v = violations_of(&check(dir.path()).unwrap(), "todo");
+    assert!(
+        v.iter().any(
+            |m| m.contains(&format!("version vector says {b} is at seq 5")) && m.contains("1..=2")
+        ),
+        "{v:#?}"
+    );
+}
+
+#[tokio::test]
+async fn a_flipped_byte_in_a_stored_event_is_named() {
+    let dir = populated().await;
+    tamper(&dir, |t, txn| {
+        let sid = sid_of(t, txn, "todo");
+        let k = tables::event_key(sid, 3);
+        let mut bytes = t.events.get(txn, &k).unwrap().unwrap().to_vec();
+        // The payload "b" is the last byte string before meta, prev and sig; flip the
+        // byte of its value, which keeps the CBOR well-formed.
+        let at = bytes.iter().rposition(|&x| x == b'b').unwrap();
+        bytes[at] ^= 0x01;
+        t.events.put(txn, &k, &bytes).unwrap();
+    });
+    let v = violations_of(&check(dir.path()).unwrap(), "todo");
+    let b = NodeId::of(&key(2));
+    let named = |what: &str| {
+        v.iter()
+            .any(|m| m.contains(&format!("event {b}:1 at lsn 3")) && m.contains(what))
+    };
+    assert!(named("signature does not verify"), "{v:#?}");
+    assert!(named("by_id records another hash"), "{v:#?}");
+}
+
+#[tokio::test]
+async fn wrong_frontiers_counts_states_and_pending_entries_are_named() {
+    let dir = populated().await;
+    let c = NodeId::of(&key(3));
+    tamper(&dir, |t, txn| {
+        let todo = sid_of(t, txn, "todo");
+        let counts = sid_of(t, txn, "counts");
+        t.frontier
+            .put(
+                txn,
+                &tables::frontier_key(todo, "other"),
+                &tables::encode_frontier(&Frontier::new()),
+            )
+            .unwrap();
+        t.space_meta
+            .put(
+                txn,
+                &space_meta_key(todo, SPACE_CONFLICTS),
+                &7u64.to_be_bytes(),
+            )
+            .unwrap();
+        t.state
+            .put(txn, &tables::frontier_key(counts, "n"), &cbor_int(99))
+            .unwrap();
+        // Corrupt the parked event's bytes.
+        t.pending
+            .put(txn, &tables::id_key(todo, &c, 2), b"garbage")
+            .unwrap();
+    });
+    let report = check(dir.path()).unwrap();
+    let v = violations_of(&report, "todo");
+    assert!(
+        v.iter().any(|m| m.contains("frontier of key \"other\"")),
+        "{v:#?}"
+    );
+    assert!(
+        v.iter().any(|m| m.contains("conflict count is 7")),
+        "{v:#?}"
+    );
+    assert!(
+        v.iter()
+            .any(|m| m.contains(&format!("pending event {c}:2"))),
+        "{v:#?}"
+    );
+    let v = violations_of(&report, "counts");
+    assert!(
+        v.iter().any(|m| m.contains("merge state of key \"n\"")),
+        "{v:#?}"
+    );
+    assert!(!report.is_clean());
+}
+
+// ---- Atomic transactions ----
+
+fn five_writes() -> Vec<Write> {
+    (0..5u8)
+        .map(|i| Write::put(format!("t/{i}"), vec![i]))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_transaction_commits_consecutive_seqs_all_or_nothing() {
+    let (_dir, store) = fresh(1);
+    put(&store, "before", b"x").await;
+    let all = store
+        .append_transaction(&space(), five_writes())
+        .await
+        .unwrap();
+    assert_eq!(
+        all.iter().map(|a| a.event.seq).collect::<Vec<_>>(),
+        [2, 3, 4, 5, 6]
+    );
+    assert_eq!(
+        all.iter().map(|a| a.lsn).collect::<Vec<_>>(),
+        [2, 3, 4, 5, 6]
+    );
+    assert!(all
+        .iter()
+        .all(|a| a.event.meta.get(TXN_META_KEY).map(String::as_str) == Some("2/5")));
+    for pair in all.windows(2) {
+        assert_eq!(pair[1].event.prev, Some(pair[0].event.hash()));
+    }
+
+    // One bad write: nothing stored, no seq used.
+    let mut writes = five_writes();
+    writes[3] = Write::put("", b"no key".to_vec());
+    assert!(matches!(
+        store.append_transaction(&space(), writes).await,
+        Err(StoreError::Invalid(_))
+    ));
+    // A write only the writer can refuse (the merge's check) also undoes the others.
+    let sums = SpaceName::new("sums").unwrap();
+    store.configure_space(&sums, sum()).await.unwrap();
+    let writes = vec![
+        Write::put("n", cbor_int(1)),
+        Write::put("n", b"not a number".to_vec()),
+    ];
+    assert!(matches!(
+        store.append_transaction(&sums, writes).await,
+        Err(StoreError::Invalid(_))
+    ));
+    assert_eq!(store.stats(&sums).await.unwrap().events, 0);
+    assert_eq!(store.merged_state(&sums, "n").await.unwrap(), None);
+    let next = put(&store, "after", b"y").await;
+    assert_eq!(
+        (next.event.seq, next.lsn),
+        (7, 7),
+        "the failed ones used nothing"
+    );
+
+    // Reserved meta keys are refused in user writes.
+    let mut w = Write::put("k", b"v".to_vec());
+    w.meta.insert("weft.txn".into(), "1/1".into());
+    assert!(matches!(
+        store.append(&space(), w.clone()).await,
+        Err(StoreError::Invalid(_))
+    ));
+    assert!(matches!(
+        store.append_transaction(&space(), vec![w]).await,
+        Err(StoreError::Invalid(_))
+    ));
+    assert!(store
+        .append_transaction(&space(), Vec::new())
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(check_after_drop(store).await);
+}
+
+async fn check_after_drop(store: Store) -> bool {
+    let dir = store.inner.env.path().to_path_buf();
+    drop(store);
+    let report = check(&dir).unwrap();
+    assert!(report.is_clean(), "{report:#?}");
+    true
+}
+
+#[tokio::test]
+async fn a_replica_shows_nothing_of_a_transaction_until_all_of_it_arrives() {
+    let (_da, a) = fresh(1);
+    let (_db, b) = fresh(2);
+    put(&a, "plain", b"0").await;
+    a.append_transaction(&space(), five_writes()).await.unwrap();
+    put(&a, "after", b"1").await; // depends on the whole transaction
+    let e = all_events(&a).await;
+    assert_eq!(e.len(), 7);
+    let mut sub = b.subscribe();
+
+    // The plain event and the first two of the transaction.
+    let out = b.ingest(&space(), e[..3].to_vec()).await.unwrap();
+    assert_eq!((out.applied.len(), out.parked), (1, 2));
+    assert!(b.get(&space(), "t/0").await.unwrap().is_empty());
+    assert_eq!(b.stats(&space()).await.unwrap().events, 1);
+    assert_eq!(
+        b.version_vector(&space()).await.unwrap().get(&a.node_id()),
+        1
+    );
+    assert_eq!(sub.recv().await.unwrap().lsn, 1);
+    // A pull from b serves none of it.
+    let page = b
+        .pull_page(&space(), VersionVector::new(), 100, 1 << 20)
+        .await
+        .unwrap();
+    assert_eq!(page.events.len(), 1);
+
+    // Two more, and the event after it: still nothing.
+    let out = b
+        .ingest(&space(), vec![e[3].clone(), e[4].clone(), e[6].clone()])
+        .await
+        .unwrap();
+    assert_eq!((out.applied.len(), out.parked), (0, 3));
+    assert!(b.get(&space(), "t/3").await.unwrap().is_empty());
+    assert_eq!(b.stats(&space()).await.unwrap().pending, 5);
+
+    // The last piece: the whole transaction, and what waited on it, in one ingest
+    // (one writer command, so one commit).
+    let out = b.ingest(&space(), vec![e[5].clone()]).await.unwrap();
+    assert_eq!(
+        out.applied.iter().map(|x| x.event.seq).collect::<Vec<_>>(),
+        [2, 3, 4, 5, 6, 7]
+    );
+    assert_eq!(out.parked, 0);
+    for i in 0..5u8 {
+        assert_eq!(
+            b.get(&space(), &format!("t/{i}")).await.unwrap()[0].payload,
+            vec![i]
+        );
+    }
+    for lsn in 2..=7 {
+        assert_eq!(sub.recv().await.unwrap().lsn, lsn);
+    }
+    assert_eq!(
+        a.digest(&space()).await.unwrap(),
+        b.digest(&space()).await.unwrap()
+    );
+
+    // Delivered whole, in one batch, it applies at once; a duplicate delivery is
+    // counted as such.
+    let (_dc, c) = fresh(3);
+    let out = c.ingest(&space(), e.clone()).await.unwrap();
+    assert_eq!((out.applied.len(), out.parked), (7, 0));
+    let out = c.ingest(&space(), e[1..6].to_vec()).await.unwrap();
+    assert_eq!((out.applied.len(), out.duplicates), (0, 5));
+    assert!(check_after_drop(b).await);
+}
+
+#[tokio::test]
+async fn a_malformed_transaction_tag_is_rejected() {
+    let (_db, b) = fresh(2);
+    let k = key(9);
+    let origin = NodeId::of(&k);
+    let mut clock = VectorClock::new();
+    clock.set(origin, 1);
+    let mut meta = BTreeMap::new();
+    meta.insert(TXN_META_KEY.to_owned(), "2/1".to_owned()); // does not cover seq 1
+    let bad = UnsignedEvent {
+        origin,
+        seq: 1,
+        clock,
+        hlc: Hlc::new(1_000, 0),
+        key: "k".into(),
+        op: Op::Put,
+        kind: String::new(),
+        payload: vec![1],
+        meta,
+        prev: None,
+    }
+    .sign(&space(), &k);
+    assert!(matches!(
+        b.ingest(&space(), vec![bad]).await,
+        Err(StoreError::Rejected { .. })
+    ));
+    assert_eq!(b.stats(&space()).await.unwrap().pending, 0);
 }

@@ -18,6 +18,11 @@
 //! command; if that commit fails, every command of the batch gets the error and the
 //! cache is reloaded from disk. No answer is sent before its data is durable.
 //!
+//! Durability and growth: in relaxed mode the thread also flushes (`force_sync`) at
+//! most every `flush_every` while it has unflushed commits, waking up for it when idle.
+//! A batch that hits `MapFull` is aborted, the map doubled (`map.rs`) and the batch run
+//! again; the map is also grown after a commit that leaves it more than 80% used.
+//!
 //! Policies: `Store::configure_space` registers a space's [`Policy`] here (the writer
 //! is the only code that applies events, so it is the one that must fold them into a
 //! merge space's state). Registrations live outside the per-space cache, because that
@@ -28,8 +33,9 @@
 //! finishes its batch and exits; `Store`'s drop joins it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use heed::{Env, PutFlags, RwTxn, WithoutTls};
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -39,12 +45,13 @@ use weft_crdt::{
     SigningKey, SpaceName, UnsignedEvent, VersionVector,
 };
 
+use crate::map::{self, MapControl};
 use crate::tables::{
     decode_event, encode_cbor, encode_frontier, event_key, frontier_key, history_key, id_key,
     origin_key, space_meta_key, IdEntry, SpaceId, StoredPolicy, Tables, HISTORY_CONFLICT, META_HLC,
     SPACE_CONFLICTS, SPACE_POLICY,
 };
-use crate::{Applied, IngestOutcome, StoreError, Write};
+use crate::{Applied, Durability, IngestOutcome, StoreError, Write};
 
 /// A request to the writer, with the channel its answer goes back on.
 pub(crate) enum Command {
@@ -64,6 +71,12 @@ pub(crate) enum Command {
         policy: Policy,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
+    /// An atomic group of local writes (already checked field by field).
+    Transaction {
+        space: SpaceName,
+        writes: Vec<Write>,
+        reply: oneshot::Sender<Result<Vec<Applied>, StoreError>>,
+    },
 }
 
 impl Command {
@@ -71,7 +84,8 @@ impl Command {
         match self {
             Command::Append { space, .. }
             | Command::Ingest { space, .. }
-            | Command::Configure { space, .. } => space,
+            | Command::Configure { space, .. }
+            | Command::Transaction { space, .. } => space,
         }
     }
 }
@@ -89,11 +103,24 @@ struct SpaceState {
     stored: Option<StoredPolicy>,
 }
 
+/// How one try at a batch ended.
+enum Attempt {
+    /// LMDB ran out of map; nothing was committed.
+    MapFull,
+    /// Opening or committing the transaction failed; nothing was committed.
+    Failed(Arc<heed::Error>),
+    /// Every command failed on its own, so the transaction was aborted.
+    NothingCommitted(Vec<Result<Done, StoreError>>),
+    /// Committed (and durable in full mode); one result per command, in order.
+    Committed(Vec<Result<Done, StoreError>>),
+}
+
 /// What a command produced, held until the batch commits.
 enum Done {
     Append(Box<Applied>),
     Ingest(IngestOutcome),
     Configure,
+    Transaction(Vec<Applied>),
 }
 
 pub(crate) struct Writer {
@@ -111,6 +138,12 @@ pub(crate) struct Writer {
     max_sid: SpaceId,
     max_batch: usize,
     applied_tx: broadcast::Sender<Arc<Applied>>,
+    map: Arc<MapControl>,
+    /// `Some` in relaxed mode: the longest a commit may stay unflushed.
+    flush_every: Option<Duration>,
+    /// Relaxed mode: something was committed since the last flush.
+    unflushed: bool,
+    last_flush: Instant,
 }
 
 /// How far ahead of our wall clock a remote HLC reading may be and still be followed.
@@ -138,6 +171,7 @@ impl Writer {
         applied_tx: broadcast::Sender<Arc<Applied>>,
     ) -> Result<Writer, StoreError> {
         let node_id = NodeId::of(&signing_key);
+        let env_for_map = env.clone();
         let mut w = Writer {
             env,
             tables,
@@ -149,6 +183,10 @@ impl Writer {
             max_sid: 0,
             max_batch: max_batch.max(1),
             applied_tx,
+            map: Arc::new(MapControl::new(env_for_map, usize::MAX)),
+            flush_every: None,
+            unflushed: false,
+            last_flush: Instant::now(),
         };
         w.reload()?;
         Ok(w)
@@ -176,9 +214,56 @@ impl Writer {
         Ok(())
     }
 
+    /// Shares the store's map control, so that resizes exclude the store's readers.
+    pub fn with_map(mut self, map: Arc<MapControl>) -> Self {
+        self.map = map;
+        self
+    }
+
+    /// Sets the flush policy; must match the flags the environment was opened with.
+    pub fn with_durability(mut self, durability: Durability) -> Self {
+        self.flush_every = match durability {
+            Durability::Full => None,
+            Durability::Relaxed { flush_every } => Some(flush_every),
+        };
+        self
+    }
+
     /// Runs until every sender is dropped.
     pub fn run(mut self, mut commands: mpsc::Receiver<Command>) {
-        while let Some(first) = commands.blocking_recv() {
+        // In relaxed mode the thread must wake up to flush even when no command comes;
+        // tokio's channel has no blocking receive with a timeout, so a tiny
+        // current-thread runtime provides one. If it cannot be built, every batch is
+        // flushed at once instead (more durable, never less).
+        let timer = self.flush_every.and_then(|_| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .map_err(|e| tracing::warn!("store writer: no timer, flushing every batch: {e}"))
+                .ok()
+        });
+        if self.flush_every.is_some() && timer.is_none() {
+            self.flush_every = Some(Duration::ZERO);
+        }
+        loop {
+            let next = match (&timer, self.flush_deadline()) {
+                (Some(rt), Some(deadline)) => {
+                    let deadline = tokio::time::Instant::from_std(deadline);
+                    // The timer must be created inside the runtime, hence the async block.
+                    let recv = rt.block_on(async {
+                        tokio::time::timeout_at(deadline, commands.recv()).await
+                    });
+                    match recv {
+                        Ok(next) => next,
+                        Err(_elapsed) => {
+                            self.flush();
+                            continue;
+                        }
+                    }
+                }
+                _ => commands.blocking_recv(),
+            };
+            let Some(first) = next else { break };
             let mut batch = vec![first];
             while batch.len() < self.max_batch {
                 match commands.try_recv() {
@@ -187,74 +272,145 @@ impl Writer {
                 }
             }
             self.run_batch(batch);
+            if self.flush_deadline().is_some_and(|d| d <= Instant::now()) {
+                self.flush();
+            }
+        }
+        // A clean shutdown leaves nothing unflushed, in either mode.
+        if self.unflushed {
+            self.flush();
         }
         tracing::debug!("store writer: all handles dropped, exiting");
     }
 
-    pub(crate) fn run_batch(&mut self, batch: Vec<Command>) {
-        let env = self.env.clone();
-        let mut txn = match env.write_txn() {
-            Ok(t) => t,
-            Err(e) => {
-                let e = Arc::new(e);
-                for cmd in batch {
-                    reply_err(cmd, StoreError::Lmdb(e.clone()));
-                }
-                return;
-            }
-        };
+    /// When the commits not yet flushed must be flushed (relaxed mode only).
+    fn flush_deadline(&self) -> Option<Instant> {
+        let every = self.flush_every?;
+        self.unflushed.then(|| self.last_flush + every)
+    }
 
-        // Policies are not reloaded from disk, so a failed commit must restore them from
+    /// Makes every commit so far durable (relaxed mode). A failure is logged and the
+    /// flush retried at the next deadline; the commits stay in the OS page cache.
+    fn flush(&mut self) {
+        match self.env.force_sync() {
+            Ok(()) => self.unflushed = false,
+            Err(e) => tracing::error!("store writer: flushing to disk failed: {e}"),
+        }
+        self.last_flush = Instant::now();
+    }
+
+    /// Runs one batch in one write transaction and answers every command in it.
+    ///
+    /// If LMDB runs out of map (in any command or in the commit), the whole
+    /// transaction is aborted, the cache put back, the map doubled and the batch run
+    /// again from the start: nothing of the failed attempt was committed or answered,
+    /// so to the callers it is as if the map had always been large enough.
+    pub(crate) fn run_batch(&mut self, batch: Vec<Command>) {
+        // Policies are not reloaded from disk, so an aborted attempt restores them from
         // here. Only batches that configure anything pay for the copy.
         let policies_before = batch
             .iter()
             .any(|c| matches!(c, Command::Configure { .. }))
             .then(|| self.policies.clone());
-
-        let mut results = Vec::with_capacity(batch.len());
-        for cmd in batch {
-            let result = self.run_isolated(&env, &mut txn, &cmd);
-            results.push((cmd, result));
-        }
-
-        if results.iter().all(|(_, r)| r.is_err()) {
-            txn.abort();
-            for (cmd, r) in results {
-                if let Err(e) = r {
-                    reply_err(cmd, e);
+        loop {
+            match self.attempt(&batch) {
+                Attempt::MapFull => {
+                    self.map.retries.fetch_add(1, Ordering::Relaxed);
+                    if let Err(e) = self.reload() {
+                        tracing::error!("store writer: reloading state after MapFull: {e}");
+                    }
+                    if let Some(p) = &policies_before {
+                        self.policies = p.clone();
+                    }
+                    if let Err(e) = self.map.grow() {
+                        tracing::error!("store writer: cannot grow the map: {e}");
+                        for cmd in batch {
+                            reply_err(cmd, duplicate(&e));
+                        }
+                        return;
+                    }
+                }
+                Attempt::Failed(e) => {
+                    for cmd in batch {
+                        reply_err(cmd, StoreError::Lmdb(e.clone()));
+                    }
+                    if let Err(e) = self.reload() {
+                        tracing::error!("store writer: reloading state after a failed commit: {e}");
+                    }
+                    if let Some(p) = policies_before {
+                        self.policies = p;
+                    }
+                    return;
+                }
+                Attempt::NothingCommitted(results) => {
+                    for (cmd, r) in batch.into_iter().zip(results) {
+                        if let Err(e) = r {
+                            reply_err(cmd, e);
+                        }
+                    }
+                    return;
+                }
+                Attempt::Committed(results) => {
+                    if self.flush_every.is_some() {
+                        self.unflushed = true;
+                    }
+                    if let Err(e) = self.map.grow_if_nearly_full() {
+                        // Not fatal: the next batch that needs room grows or fails then.
+                        tracing::warn!("store writer: growing the map ahead of time: {e}");
+                    }
+                    self.answer(batch, results);
+                    return;
                 }
             }
-            return;
         }
+    }
 
+    /// One try at a batch; see [`Writer::run_batch`].
+    fn attempt(&mut self, batch: &[Command]) -> Attempt {
+        let env = self.env.clone();
+        let mut txn = match env.write_txn() {
+            Ok(t) => t,
+            Err(e) => return Attempt::Failed(Arc::new(e)),
+        };
+        let mut results = Vec::with_capacity(batch.len());
+        for cmd in batch {
+            let result = self.run_isolated(&env, &mut txn, cmd);
+            if result.as_ref().err().is_some_and(map::is_map_full) {
+                txn.abort();
+                return Attempt::MapFull;
+            }
+            results.push(result);
+        }
+        if results.iter().all(Result::is_err) {
+            txn.abort();
+            return Attempt::NothingCommitted(results);
+        }
         let committed = self
             .tables
             .meta
             .put(&mut txn, META_HLC, &self.hlc.last().0.to_be_bytes())
             .and_then(|()| txn.commit());
-        if let Err(e) = committed {
-            tracing::error!("store writer: commit failed: {e}");
-            let e = Arc::new(e);
-            for (cmd, _) in results {
-                reply_err(cmd, StoreError::Lmdb(e.clone()));
+        match committed {
+            Ok(()) => Attempt::Committed(results),
+            Err(e) if map::is_heed_map_full(&e) => Attempt::MapFull,
+            Err(e) => {
+                tracing::error!("store writer: commit failed: {e}");
+                Attempt::Failed(Arc::new(e))
             }
-            if let Err(e) = self.reload() {
-                tracing::error!("store writer: reloading state after a failed commit: {e}");
-            }
-            if let Some(p) = policies_before {
-                self.policies = p;
-            }
-            return;
         }
+    }
 
-        for (_, r) in &results {
+    /// Broadcasts what a committed batch applied, then answers its commands.
+    fn answer(&self, batch: Vec<Command>, results: Vec<Result<Done, StoreError>>) {
+        for r in &results {
             match r {
                 Ok(Done::Append(a)) => self.broadcast(a),
                 Ok(Done::Ingest(o)) => o.applied.iter().for_each(|a| self.broadcast(a)),
+                Ok(Done::Transaction(all)) => all.iter().for_each(|a| self.broadcast(a)),
                 Ok(Done::Configure) | Err(_) => {}
             }
         }
-        for (cmd, r) in results {
+        for (cmd, r) in batch.into_iter().zip(results) {
             // A caller that stopped waiting (dropped its future) is not an error: the
             // data is committed either way.
             match (cmd, r) {
@@ -266,6 +422,9 @@ impl Writer {
                 }
                 (Command::Configure { reply, .. }, Ok(Done::Configure)) => {
                     let _ = reply.send(Ok(()));
+                }
+                (Command::Transaction { reply, .. }, Ok(Done::Transaction(all))) => {
+                    let _ = reply.send(Ok(all));
                 }
                 (cmd, Err(e)) => reply_err(cmd, e),
                 (cmd, Ok(_)) => reply_err(
@@ -304,6 +463,9 @@ impl Writer {
             Command::Configure { space, policy, .. } => self
                 .configure(&mut txn, space, policy)
                 .map(|()| Done::Configure),
+            Command::Transaction { space, writes, .. } => self
+                .transaction(&mut txn, space, writes)
+                .map(Done::Transaction),
         };
         let result = result.and_then(|done| txn.commit().map(|()| done).map_err(Into::into));
         if result.is_err() {
@@ -463,6 +625,34 @@ impl Writer {
         space: &SpaceName,
         write: &Write,
     ) -> Result<Applied, StoreError> {
+        self.append_tagged(txn, space, write, None)
+    }
+
+    /// The writes of a transaction, as consecutive events of this node, each tagged
+    /// with the group (see `txn.rs`). Runs in one nested transaction (`run_isolated`),
+    /// so a write that fails undoes the ones before it and frees their seqs.
+    fn transaction(
+        &mut self,
+        txn: &mut RwTxn,
+        space: &SpaceName,
+        writes: &[Write],
+    ) -> Result<Vec<Applied>, StoreError> {
+        self.ensure_space(txn, space)?;
+        let first = self.state(space)?.vv.get(&self.node_id) + 1;
+        let tag = crate::txn::tag(first, writes.len() as u64);
+        writes
+            .iter()
+            .map(|w| self.append_tagged(txn, space, w, Some(&tag)))
+            .collect()
+    }
+
+    fn append_tagged(
+        &mut self,
+        txn: &mut RwTxn,
+        space: &SpaceName,
+        write: &Write,
+        txn_tag: Option<&str>,
+    ) -> Result<Applied, StoreError> {
         let sid = self.ensure_space(txn, space)?;
         let merge = self.merge_for(space)?;
         if let Some(m) = &merge {
@@ -493,7 +683,13 @@ impl Writer {
             op: write.op,
             kind: write.kind.clone(),
             payload: write.payload.clone(),
-            meta: write.meta.clone(),
+            meta: {
+                let mut meta = write.meta.clone();
+                if let Some(tag) = txn_tag {
+                    meta.insert(crate::txn::TXN_META_KEY.to_owned(), tag.to_owned());
+                }
+                meta
+            },
             prev,
         }
         .sign(space, &self.signing_key);
@@ -516,10 +712,33 @@ impl Writer {
         let sid = self.ensure_space(txn, space)?;
         let merge = self.merge_for(space)?;
 
+        // Events of transactions are always parked first: `release_pending` applies a
+        // transaction only once all its events are parked, all in this command (see
+        // `txn.rs`). The rest is applied as it becomes ready.
+        let mut parked = HashSet::new();
+        let mut plain = Vec::with_capacity(events.len());
+        let mut tagged_parked = false;
+        for e in events {
+            if !matches!(crate::txn::group_of(e), Ok(Some(_))) {
+                plain.push(e);
+                continue;
+            }
+            let key = id_key(sid, &e.origin, e.seq);
+            if e.readiness(&self.state(space)?.vv) == Readiness::Duplicate
+                || self.tables.pending.get(txn, &key)?.is_some()
+                || !parked.insert(e.id())
+            {
+                out.duplicates += 1;
+                continue;
+            }
+            self.tables.pending.put(txn, &key, &e.encode())?;
+            tagged_parked = true;
+        }
+
         // Apply what is ready, in the order the sync core gives: each event is ready
         // once those before it are applied, and `apply` advances the cached version
         // vector exactly as `causal_order` assumed.
-        let order = sync::causal_order(&self.state(space)?.vv, events);
+        let order = sync::causal_order(&self.state(space)?.vv, plain);
         out.duplicates += order.duplicates;
         for e in order.ready {
             let hash = e.hash();
@@ -541,7 +760,6 @@ impl Writer {
             )?);
         }
 
-        let mut parked = HashSet::new();
         for e in order.waiting {
             let key = id_key(sid, &e.origin, e.seq);
             if self.tables.pending.get(txn, &key)?.is_some() || !parked.insert(e.id()) {
@@ -551,7 +769,7 @@ impl Writer {
             self.tables.pending.put(txn, &key, &e.encode())?;
         }
 
-        if !out.applied.is_empty() {
+        if !out.applied.is_empty() || tagged_parked {
             self.release_pending(txn, space, sid, merge.as_deref(), &mut parked, &mut out)?;
         }
         out.parked = parked.len();
@@ -588,6 +806,13 @@ impl Writer {
                     if event.readiness(&self.state(space)?.vv) != Readiness::Ready {
                         break;
                     }
+                    if let Ok(Some(group)) = crate::txn::group_of(&event) {
+                        if self.release_group(txn, space, sid, merge, event, group, parked, out)? {
+                            progress = true;
+                            continue;
+                        }
+                        break;
+                    }
                     self.tables.pending.delete(txn, &key)?;
                     let id = event.id();
                     if let Err(reason) = self.check_prev(txn, sid, &event)? {
@@ -608,6 +833,83 @@ impl Writer {
                 return Ok(());
             }
         }
+    }
+
+    /// Applies a parked transaction whose first event, `event`, is ready, if every
+    /// member is parked and each becomes ready after the ones before it; returns
+    /// whether it did. All members are checked before any is applied, so a group is
+    /// applied whole or not at all. A group whose chain is broken is rejected if this
+    /// call parked any of it, else dropped from the pending set (its sender is gone; a
+    /// correct copy can still arrive), like a single parked event.
+    #[allow(clippy::too_many_arguments)]
+    fn release_group(
+        &mut self,
+        txn: &mut RwTxn,
+        space: &SpaceName,
+        sid: SpaceId,
+        merge: Option<&dyn Merge>,
+        event: Event,
+        (first, n): (u64, u64),
+        parked: &mut HashSet<EventId>,
+        out: &mut IngestOutcome,
+    ) -> Result<bool, StoreError> {
+        let origin = event.origin;
+        if event.seq != first {
+            // The group's start is applied but this member is not: only a tag that
+            // changed within the group does this. It can never complete.
+            tracing::warn!(space = %space, event = %event.id(), "transaction member without its group; left parked");
+            return Ok(false);
+        }
+        let mut vv = self.state(space)?.vv.clone();
+        vv.set(origin, first);
+        let mut members = vec![event];
+        for seq in first + 1..first + n {
+            let Some(bytes) = self.tables.pending.get(txn, &id_key(sid, &origin, seq))? else {
+                return Ok(false);
+            };
+            let e = decode_event(bytes, format_args!("pending event {origin}:{seq}"))?;
+            let same_group = matches!(crate::txn::group_of(&e), Ok(Some(g)) if g == (first, n));
+            if !same_group || e.readiness(&vv) != Readiness::Ready {
+                return Ok(false);
+            }
+            vv.set(origin, seq);
+            members.push(e);
+        }
+        // The chain: the first links to what is applied, each other to its predecessor.
+        let mut broken = match self.check_prev(txn, sid, &members[0])? {
+            Err(reason) => Some((members[0].id(), reason)),
+            Ok(()) => None,
+        };
+        for pair in members.windows(2) {
+            if broken.is_some() {
+                break;
+            }
+            if let Err(reason) = sync::check_prev(&pair[1], &pair[0].hash()) {
+                broken = Some((pair[1].id(), reason));
+            }
+        }
+        if let Some((id, reason)) = broken {
+            if members.iter().any(|m| parked.contains(&m.id())) {
+                return Err(StoreError::Rejected { id, reason });
+            }
+            tracing::warn!(space = %space, event = %id, "dropping a parked transaction: {reason}");
+            for m in &members {
+                self.tables
+                    .pending
+                    .delete(txn, &id_key(sid, &m.origin, m.seq))?;
+            }
+            return Ok(false);
+        }
+        for e in members {
+            self.tables
+                .pending
+                .delete(txn, &id_key(sid, &e.origin, e.seq))?;
+            parked.remove(&e.id());
+            let hash = e.hash();
+            out.applied
+                .push(self.apply(txn, space, sid, e, hash, merge, false)?);
+        }
+        Ok(true)
     }
 
     /// Whether `event.prev` is the hash of its origin's previous event, which must be
@@ -736,6 +1038,22 @@ fn invalid_value(merge: &dyn Merge, e: &weft_crdt::MergeError) -> StoreError {
     )))
 }
 
+/// A copy of an error that has to answer every command of a batch. Only the errors
+/// `MapControl::grow` returns occur here; anything else keeps its message.
+fn duplicate(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::Lmdb(inner) => StoreError::Lmdb(inner.clone()),
+        StoreError::StoreFull {
+            map_size,
+            max_map_size,
+        } => StoreError::StoreFull {
+            map_size: *map_size,
+            max_map_size: *max_map_size,
+        },
+        other => StoreError::Corrupt(other.to_string()),
+    }
+}
+
 fn reply_err(cmd: Command, e: StoreError) {
     match cmd {
         Command::Append { reply, .. } => {
@@ -745,6 +1063,9 @@ fn reply_err(cmd: Command, e: StoreError) {
             let _ = reply.send(Err(e));
         }
         Command::Configure { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+        Command::Transaction { reply, .. } => {
             let _ = reply.send(Err(e));
         }
     }
