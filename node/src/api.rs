@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use weft_crdt::{Op, SpaceName};
-use weft_store::Applied;
+use weft_store::{Applied, EventQuery, Start};
 
 use crate::error::NodeError;
 use crate::node::{clock_json, Node, WriteRequest};
@@ -73,7 +73,9 @@ fn space(name: String) -> Result<SpaceName, ApiError> {
 pub fn router(node: Node) -> Router {
     Router::new()
         .route("/spaces/{space}/events", post(post_event).get(list_events))
+        .route("/spaces/{space}/transactions", post(post_transaction))
         .route("/spaces/{space}/keys/{*key}", get(get_key))
+        .route("/spaces/{space}/history/{*key}", get(key_history))
         .route("/status", get(status))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
         .with_state(node)
@@ -116,6 +118,29 @@ struct PostEvent {
     meta: BTreeMap<String, String>,
 }
 
+impl PostEvent {
+    fn into_write(self) -> Result<WriteRequest, ApiError> {
+        let op = match self.op.as_deref() {
+            None | Some("put") => Op::Put,
+            Some("delete") => Op::Delete,
+            Some(other) => {
+                return Err(ApiError(
+                    StatusCode::BAD_REQUEST,
+                    format!("unknown op {other:?}: use \"put\" or \"delete\""),
+                ))
+            }
+        };
+        let value = self.value.as_ref().map(Payload::encode).transpose()?;
+        Ok(WriteRequest {
+            key: self.key,
+            op,
+            value,
+            kind: self.kind,
+            meta: self.meta,
+        })
+    }
+}
+
 async fn post_event(
     State(node): State<Node>,
     Path(name): Path<String>,
@@ -123,41 +148,62 @@ async fn post_event(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let space = space(name)?;
     let Json(body) = body?;
-    let op = match body.op.as_deref() {
-        None | Some("put") => Op::Put,
-        Some("delete") => Op::Delete,
-        Some(other) => {
-            return Err(ApiError(
-                StatusCode::BAD_REQUEST,
-                format!("unknown op {other:?}: use \"put\" or \"delete\""),
-            ))
-        }
-    };
-    let value = body.value.as_ref().map(Payload::encode).transpose()?;
-    let written = node
-        .write(
-            &space,
-            WriteRequest {
-                key: body.key,
-                op,
-                value,
-                kind: body.kind,
-                meta: body.meta,
-            },
-        )
-        .await?;
+    let written = node.write(&space, body.into_write()?).await?;
     Ok((
         StatusCode::CREATED,
         Json(json!({ "id": written.id.to_string(), "lsn": written.lsn })),
     ))
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PostTransaction {
+    writes: Vec<PostEvent>,
+}
+
+async fn post_transaction(
+    State(node): State<Node>,
+    Path(name): Path<String>,
+    body: Result<Json<PostTransaction>, JsonRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let space = space(name)?;
+    let Json(body) = body?;
+    let writes = body
+        .writes
+        .into_iter()
+        .map(PostEvent::into_write)
+        .collect::<Result<Vec<_>, _>>()?;
+    let written = node.transact(&space, writes).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "events": written
+                .iter()
+                .map(|w| json!({ "id": w.id.to_string(), "lsn": w.lsn }))
+                .collect::<Vec<_>>(),
+        })),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyQuery {
+    #[serde(default)]
+    at: Option<u64>,
+}
+
 async fn get_key(
     State(node): State<Node>,
     Path((name, key)): Path<(String, String)>,
+    query: Result<Query<KeyQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let space = space(name)?;
-    match node.get(&space, &key).await? {
+    let Query(q) = query?;
+    let record = match q.at {
+        Some(lsn) => node.get_at(&space, &key, lsn).await?,
+        None => node.get(&space, &key).await?,
+    };
+    match record {
         Some(r) => Ok(Json(json!({
             "key": r.key,
             "value": r.value.to_json(),
@@ -174,10 +220,89 @@ async fn get_key(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct EventsQuery {
+    /// Events after this lsn (the cursor of DESIGN.md's API).
     #[serde(default)]
-    since: u64,
+    since: Option<u64>,
+    /// `oldest` | `latest` | an lsn to start at (inclusive).
+    #[serde(default)]
+    start: Option<String>,
+    /// Events strictly after this lsn in the direction of the read.
+    #[serde(default)]
+    after: Option<u64>,
+    /// Resume from a page's `cursor`.
+    #[serde(default)]
+    cursor: Option<String>,
+    /// Only keys starting with this.
+    #[serde(default)]
+    prefix: Option<String>,
+    /// `put` | `delete`.
+    #[serde(default)]
+    op: Option<String>,
+    #[serde(default)]
+    kind: Option<String>,
     #[serde(default)]
     limit: Option<usize>,
+    /// `asc` (default) | `desc`.
+    #[serde(default)]
+    order: Option<String>,
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, msg.into())
+}
+
+impl EventsQuery {
+    fn into_query(self) -> Result<EventQuery, ApiError> {
+        let given = [
+            self.since.is_some(),
+            self.start.is_some(),
+            self.after.is_some(),
+            self.cursor.is_some(),
+        ];
+        if given.iter().filter(|g| **g).count() > 1 {
+            return Err(bad("give at most one of since, start, after and cursor"));
+        }
+        let descending = match self.order.as_deref() {
+            None | Some("asc") => false,
+            Some("desc") => true,
+            Some(o) => return Err(bad(format!("order must be asc or desc, not {o:?}"))),
+        };
+        let start = if let Some(c) = self.cursor {
+            Start::Cursor(c)
+        } else if let Some(lsn) = self.since.or(self.after) {
+            Start::AfterLsn(lsn)
+        } else {
+            match self.start.as_deref() {
+                // Newest first reads from the newest event unless told otherwise.
+                None if descending => Start::Latest,
+                None | Some("oldest") => Start::Oldest,
+                Some("latest") => Start::Latest,
+                Some(n) => Start::AtLsn(n.parse().map_err(|_| {
+                    bad(format!("start must be oldest, latest or an lsn, not {n:?}"))
+                })?),
+            }
+        };
+        let op = match self.op.as_deref() {
+            None => None,
+            Some("put") => Some(Op::Put),
+            Some("delete") => Some(Op::Delete),
+            Some(o) => return Err(bad(format!("op must be put or delete, not {o:?}"))),
+        };
+        let limit = self.limit.unwrap_or(DEFAULT_EVENTS_PER_PAGE);
+        if limit == 0 || limit > MAX_EVENTS_PER_PAGE {
+            return Err(bad(format!(
+                "limit must be between 1 and {MAX_EVENTS_PER_PAGE}"
+            )));
+        }
+        Ok(EventQuery {
+            start,
+            key_prefix: self.prefix,
+            op,
+            kind: self.kind,
+            limit,
+            descending,
+        })
+    }
 }
 
 /// The JSON form of an applied event, shared by the API and `weft log`.
@@ -204,16 +329,43 @@ async fn list_events(
 ) -> Result<Json<Value>, ApiError> {
     let space = space(name)?;
     let Query(q) = query?;
+    let since = q.since.or(q.after).unwrap_or(0);
+    let page = node.read_events(&space, q.into_query()?).await?;
+    let next = page.events.last().map_or(since, |a| a.lsn);
+    Ok(Json(json!({
+        "events": page.events.iter().map(event_json).collect::<Vec<_>>(),
+        "next": next,
+        "cursor": page.next.as_ref().map(|c| c.as_str().to_owned()),
+        "at_end": page.at_end,
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryQuery {
+    #[serde(default)]
+    after: Option<u64>,
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+async fn key_history(
+    State(node): State<Node>,
+    Path((name, key)): Path<(String, String)>,
+    query: Result<Query<HistoryQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let space = space(name)?;
+    let Query(q) = query?;
     let limit = q.limit.unwrap_or(DEFAULT_EVENTS_PER_PAGE);
     if limit == 0 || limit > MAX_EVENTS_PER_PAGE {
-        return Err(ApiError(
-            StatusCode::BAD_REQUEST,
-            format!("limit must be between 1 and {MAX_EVENTS_PER_PAGE}"),
-        ));
+        return Err(bad(format!(
+            "limit must be between 1 and {MAX_EVENTS_PER_PAGE}"
+        )));
     }
-    let events = node.events_since(&space, q.since, limit).await?;
-    let next = events.last().map_or(q.since, |a| a.lsn);
+    let events = node.key_history(&space, &key, q.after, limit).await?;
+    let next = events.last().map_or(q.after.unwrap_or(0), |a| a.lsn);
     Ok(Json(json!({
+        "key": key,
         "events": events.iter().map(event_json).collect::<Vec<_>>(),
         "next": next,
     })))

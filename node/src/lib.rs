@@ -36,4 +36,4 @@ pub use weft_crdt::{
     EventId, Merge, NodeId, Op, Policy, PolicyIdentity, PolicyKind, Resolver, SpaceName,
 };
 pub use weft_net::{Multiaddr, PeerId};
-pub use weft_store::Applied;
+pub use weft_store::{Applied, Durability, EventPage, EventQuery, Start};

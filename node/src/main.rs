@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
-use weft_node::{Multiaddr, NodeBuilder, PolicyKind, SpaceName};
+use weft_node::{Durability, Multiaddr, NodeBuilder, PolicyKind, SpaceName};
 
 #[derive(Parser)]
 #[command(name = "weft", version, about = "A peer-to-peer replication node")]
@@ -55,6 +55,10 @@ enum Command {
         /// values), counter, set (add-wins) or json (merged field by field).
         #[arg(long, default_value = "lww")]
         resolver: PolicyKind,
+        /// full: every acknowledged write is fsynced first. relaxed: flushed every
+        /// 100 ms; a process kill loses nothing, a power cut may lose the last 100 ms.
+        #[arg(long, default_value = "full", value_parser = parse_durability)]
+        durability: Durability,
     },
     /// Appends a put; prints the event id. VALUE is JSON if it parses as JSON, else a string.
     Put {
@@ -69,22 +73,63 @@ enum Command {
         #[command(flatten)]
         client: Client,
     },
+    /// Appends several writes atomically: `weft tx put K1 V1 put K2 V2 del K3`.
+    Tx {
+        /// `put KEY VALUE` and `del KEY` items, in order.
+        #[arg(required = true, num_args = 1.., allow_hyphen_values = true)]
+        items: Vec<String>,
+        #[command(flatten)]
+        client: Client,
+    },
     /// Prints the value (every sibling on its own line for a conflict); exit 1 if none.
     Get {
         key: String,
+        /// The value as it stood right after this local position (time travel).
+        #[arg(long)]
+        at: Option<u64>,
         #[command(flatten)]
         client: Client,
     },
     /// Prints events in local order, one per line.
     Log {
         /// Print events after this local position.
-        #[arg(long, default_value_t = 0)]
-        since: u64,
+        #[arg(long, conflicts_with_all = ["start", "cursor"])]
+        since: Option<u64>,
+        /// Where to start: oldest, latest, or an lsn (inclusive).
+        #[arg(long, conflicts_with = "cursor")]
+        start: Option<String>,
+        /// Resume from the cursor a previous page printed.
+        #[arg(long)]
+        cursor: Option<String>,
+        /// Only keys starting with this.
+        #[arg(long)]
+        prefix: Option<String>,
+        /// Only puts or only deletes.
+        #[arg(long, value_parser = ["put", "delete"])]
+        op: Option<String>,
+        /// Only events of this kind.
+        #[arg(long)]
+        kind: Option<String>,
+        /// The history of one key instead of the whole log.
+        #[arg(long, conflicts_with_all = ["prefix", "op", "kind", "start", "cursor", "desc"])]
+        key: Option<String>,
+        /// Newest first.
+        #[arg(long, conflicts_with = "follow")]
+        desc: bool,
+        /// At most this many events (default: all; pages of 1,000 are fetched).
+        #[arg(long)]
+        limit: Option<u64>,
         /// Keep printing new events as they are applied.
         #[arg(long)]
         follow: bool,
         #[command(flatten)]
         client: Client,
+    },
+    /// Verifies every invariant of a data directory offline and reports each violation.
+    Check {
+        /// The data directory (of a node that is not running).
+        #[arg(long, default_value = "./weft-data")]
+        data: PathBuf,
     },
     /// Node id, peers, version vector and counts.
     Status {
@@ -94,6 +139,14 @@ enum Command {
         #[command(flatten)]
         client: Client,
     },
+}
+
+fn parse_durability(s: &str) -> Result<Durability, String> {
+    match s {
+        "full" => Ok(Durability::Full),
+        "relaxed" => Ok(Durability::relaxed()),
+        other => Err(format!("unknown durability {other:?}: use full or relaxed")),
+    }
 }
 
 fn parse_space(s: &str) -> Result<SpaceName, String> {
@@ -148,7 +201,46 @@ async fn dispatch(cmd: Command) -> Result<ExitCode> {
             no_mdns,
             api,
             resolver,
-        } => run(data, spaces, listen, bootstrap, !no_mdns, api, resolver).await,
+            durability,
+        } => {
+            let opts = RunOptions {
+                data,
+                spaces,
+                listen,
+                bootstrap,
+                mdns: !no_mdns,
+                api,
+                resolver,
+                durability,
+            };
+            run(opts).await
+        }
+        Command::Tx { items, client } => {
+            let writes = parse_tx(&items)?;
+            let url = format!(
+                "{}/spaces/{}/transactions",
+                base_url(&client.api),
+                client.space
+            );
+            let (status, body) = call(
+                &client,
+                http()?.post(url).json(&json!({ "writes": writes })),
+            )
+            .await?;
+            if status != 201 {
+                bail!("{}", error_of(&body));
+            }
+            for e in body
+                .get("events")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                println!("{}", e.get("id").and_then(Value::as_str).unwrap_or("?"));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check { data } => check(&data),
         Command::Put { key, value, client } => {
             let value = serde_json::from_str(&value).unwrap_or(Value::String(value));
             let out = write(&client, json!({"key": key, "op": "put", "value": value})).await?;
@@ -160,18 +252,45 @@ async fn dispatch(cmd: Command) -> Result<ExitCode> {
             println!("{out}");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Get { key, client } => get(&client, &key).await,
+        Command::Get { key, at, client } => get(&client, &key, at).await,
         Command::Log {
             since,
+            start,
+            cursor,
+            prefix,
+            op,
+            kind,
+            key,
+            desc,
+            limit,
             follow,
             client,
-        } => log(&client, since, follow).await,
+        } => {
+            let mut params: Vec<(&str, String)> = Vec::new();
+            if let Some(s) = since {
+                params.push(("since", s.to_string()));
+            }
+            for (name, v) in [
+                ("start", start),
+                ("cursor", cursor),
+                ("prefix", prefix),
+                ("op", op),
+                ("kind", kind),
+            ] {
+                if let Some(v) = v {
+                    params.push((name, v));
+                }
+            }
+            if desc {
+                params.push(("order", "desc".into()));
+            }
+            log(&client, params, key, limit, follow).await
+        }
         Command::Status { json, client } => status(&client, json).await,
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn run(
+struct RunOptions {
     data: PathBuf,
     spaces: Vec<SpaceName>,
     listen: Vec<Multiaddr>,
@@ -179,7 +298,80 @@ async fn run(
     mdns: bool,
     api: SocketAddr,
     resolver: PolicyKind,
-) -> Result<ExitCode> {
+    durability: Durability,
+}
+
+/// `put KEY VALUE` / `del KEY` items into transaction writes.
+fn parse_tx(items: &[String]) -> Result<Vec<Value>> {
+    let mut writes = Vec::new();
+    let mut it = items.iter();
+    while let Some(op) = it.next() {
+        match op.as_str() {
+            "put" => {
+                let (Some(key), Some(value)) = (it.next(), it.next()) else {
+                    bail!("`put` needs a key and a value: weft tx put KEY VALUE ...");
+                };
+                let value = serde_json::from_str(value).unwrap_or(Value::String(value.clone()));
+                writes.push(json!({"key": key, "op": "put", "value": value}));
+            }
+            "del" => {
+                let Some(key) = it.next() else {
+                    bail!("`del` needs a key: weft tx del KEY ...");
+                };
+                writes.push(json!({"key": key, "op": "delete"}));
+            }
+            other => bail!("expected `put` or `del`, found {other:?}"),
+        }
+    }
+    Ok(writes)
+}
+
+fn check(data: &std::path::Path) -> Result<ExitCode> {
+    let log = data.join("log");
+    if !log.exists() {
+        bail!("{} holds no weft log", data.display());
+    }
+    let report = weft_store::check(&log).with_context(|| format!("checking {}", data.display()))?;
+    let mut violations = 0;
+    for v in &report.violations {
+        println!("violation: {v}");
+        violations += 1;
+    }
+    for s in &report.spaces {
+        println!(
+            "space {}: {} events, {} violations",
+            s.space,
+            s.events,
+            s.violations.len()
+        );
+        for v in &s.violations {
+            println!("violation: {}: {v}", s.space);
+            violations += 1;
+        }
+        for k in &s.skipped {
+            println!("skipped: {}: {k}", s.space);
+        }
+    }
+    if violations == 0 {
+        println!("clean");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("{violations} violations in {}", data.display());
+        Ok(ExitCode::from(1))
+    }
+}
+
+async fn run(opts: RunOptions) -> Result<ExitCode> {
+    let RunOptions {
+        data,
+        spaces,
+        listen,
+        bootstrap,
+        mdns,
+        api,
+        resolver,
+        durability,
+    } = opts;
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -190,6 +382,7 @@ async fn run(
     let mut b = NodeBuilder::new(&data)
         .mdns(mdns)
         .resolver(resolver)
+        .durability(durability)
         .api(api);
     for s in spaces {
         b = b.space(s);
@@ -314,13 +507,16 @@ fn print_value(v: &Value) {
     }
 }
 
-async fn get(client: &Client, key: &str) -> Result<ExitCode> {
-    let url = format!(
+async fn get(client: &Client, key: &str, at: Option<u64>) -> Result<ExitCode> {
+    let mut url = format!(
         "{}/spaces/{}/keys/{}",
         base_url(&client.api),
         client.space,
         encode_key(key)
     );
+    if let Some(lsn) = at {
+        url.push_str(&format!("?at={lsn}"));
+    }
     let (status, body) = call(client, http()?.get(url)).await?;
     match status {
         200 => {
@@ -357,16 +553,31 @@ fn log_line(e: &Value) -> String {
     line
 }
 
-async fn log(client: &Client, since: u64, follow: bool) -> Result<ExitCode> {
+/// Prints pages until the log (or the key's history) is exhausted or `limit` events
+/// are out; with `follow`, keeps polling for new events.
+async fn log(
+    client: &Client,
+    mut params: Vec<(&'static str, String)>,
+    key: Option<String>,
+    limit: Option<u64>,
+    follow: bool,
+) -> Result<ExitCode> {
     let http = http()?;
-    let mut cursor = since;
-    loop {
-        let url = format!(
-            "{}/spaces/{}/events?since={cursor}&limit=1000",
+    let base = match &key {
+        Some(k) => format!(
+            "{}/spaces/{}/history/{}",
             base_url(&client.api),
-            client.space
-        );
-        let (status, body) = call(client, http.get(url)).await?;
+            client.space,
+            encode_key(k)
+        ),
+        None => format!("{}/spaces/{}/events", base_url(&client.api), client.space),
+    };
+    let mut printed: u64 = 0;
+    loop {
+        let page = limit.map_or(1000, |l| (l - printed).min(1000));
+        let mut query = params.clone();
+        query.push(("limit", page.to_string()));
+        let (status, body) = call(client, http.get(&base).query(&query)).await?;
         if status != 200 {
             bail!("{}", error_of(&body));
         }
@@ -382,8 +593,28 @@ async fn log(client: &Client, since: u64, follow: bool) -> Result<ExitCode> {
             }
             out.flush()?;
         }
-        cursor = body.get("next").and_then(Value::as_u64).unwrap_or(cursor);
-        if events.is_empty() {
+        printed += events.len() as u64;
+        if limit.is_some_and(|l| printed >= l) {
+            return Ok(ExitCode::SUCCESS);
+        }
+        // Continue from the page's cursor when the server gives one (filtered reads),
+        // else from the last lsn seen.
+        params.retain(|(k, _)| !matches!(*k, "since" | "start" | "cursor" | "after"));
+        match body.get("cursor").and_then(Value::as_str) {
+            Some(c) => params.push(("cursor", c.to_owned())),
+            None => {
+                let next = body.get("next").and_then(Value::as_u64).unwrap_or(0);
+                params.push((
+                    if key.is_some() { "after" } else { "since" },
+                    next.to_string(),
+                ));
+            }
+        }
+        let at_end = body
+            .get("at_end")
+            .and_then(Value::as_bool)
+            .unwrap_or(events.is_empty());
+        if events.is_empty() && at_end {
             if !follow {
                 return Ok(ExitCode::SUCCESS);
             }

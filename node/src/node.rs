@@ -17,7 +17,7 @@ use weft_crdt::{
     EventId, Merge, NodeId, Op, Policy, PolicyKind, Resolver, SpaceName, VectorClock, VersionVector,
 };
 use weft_net::{Multiaddr, NetClient, NetConfig, PeerId};
-use weft_store::{Applied, Store, StoreConfig, Write};
+use weft_store::{Applied, Durability, EventPage, EventQuery, Store, StoreConfig, Write};
 
 use crate::error::NodeError;
 use crate::identity;
@@ -114,6 +114,13 @@ impl NodeBuilder {
     /// [`Node::api_addr`]). Without it the node serves no HTTP.
     pub fn api(mut self, addr: SocketAddr) -> Self {
         self.api = Some(addr);
+        self
+    }
+
+    /// How commits reach the disk (default [`Durability::Full`]: every acknowledged
+    /// write is fsynced first).
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.store.durability = durability;
         self
     }
 
@@ -393,27 +400,10 @@ impl Node {
     /// Appends a write; returns once it is durable. It is gossiped to peers right after.
     pub async fn write(&self, space: &SpaceName, req: WriteRequest) -> Result<Written, NodeError> {
         self.check_space(space)?;
-        let payload = match (req.op, req.value) {
-            (Op::Put, Some(p)) => p.0,
-            (Op::Put, None) => return Err(NodeError::Invalid("a put needs a value".into())),
-            (Op::Delete, None) => Vec::new(),
-            (Op::Delete, Some(_)) => {
-                return Err(NodeError::Invalid("a delete takes no value".into()))
-            }
-        };
         let applied = self
             .inner
             .store
-            .append(
-                space,
-                Write {
-                    key: req.key,
-                    op: req.op,
-                    kind: req.kind,
-                    payload,
-                    meta: req.meta,
-                },
-            )
+            .append(space, to_store_write(req)?)
             .await
             .map_err(store_error)?;
         let written = Written {
@@ -473,59 +463,107 @@ impl Node {
             .get(space, key)
             .await
             .map_err(store_error)?;
-        if frontier.is_empty() {
-            return Ok(None);
-        }
-        let mut clock = VectorClock::new();
-        for e in &frontier {
-            clock.merge(&e.clock);
-        }
-        let frontier_ids = frontier.iter().map(|e| e.id()).collect();
-        let (value, siblings) = match policy {
-            Policy::Resolve(resolver) => {
-                let refs: Vec<_> = frontier.iter().collect();
-                let resolution = resolver.resolve(&refs);
-                let Some(winner) = resolution.value else {
-                    return Ok(None);
-                };
-                (
-                    Payload(winner.payload.clone()),
-                    resolution
-                        .siblings
-                        .iter()
-                        .map(|e| Payload(e.payload.clone()))
-                        .collect(),
-                )
-            }
-            Policy::Merge(merge) => {
-                let Some(state) = self
-                    .inner
-                    .store
-                    .merged_state(space, key)
-                    .await
-                    .map_err(store_error)?
-                else {
-                    return Ok(None);
-                };
-                match merge.read(&state) {
-                    Ok(Some(v)) => (Payload(v), Vec::new()),
-                    Ok(None) => return Ok(None),
-                    Err(e) => {
-                        return Err(NodeError::Invalid(format!(
-                            "the stored state of {key:?} cannot be read by the {} merge: {e}",
-                            merge.name()
-                        )))
-                    }
-                }
-            }
+        let state = match (policy, frontier.is_empty()) {
+            (Policy::Merge(_), false) => self
+                .inner
+                .store
+                .merged_state(space, key)
+                .await
+                .map_err(store_error)?,
+            _ => None,
         };
-        Ok(Some(Record {
-            key: key.to_owned(),
-            value,
-            siblings,
-            clock,
-            frontier: frontier_ids,
-        }))
+        resolve(policy, key, frontier, state)
+    }
+
+    /// Reads `key` as it stood on this node right after local position `lsn` was
+    /// applied (time travel); `None` when it had no value then.
+    pub async fn get_at(
+        &self,
+        space: &SpaceName,
+        key: &str,
+        lsn: u64,
+    ) -> Result<Option<Record>, NodeError> {
+        let policy = self.check_space(space)?;
+        let store = &self.inner.store;
+        let frontier = store.get_at(space, key, lsn).await.map_err(store_error)?;
+        let state = match (policy, frontier.is_empty()) {
+            (Policy::Merge(_), false) => store
+                .merged_state_at(space, key, lsn)
+                .await
+                .map_err(store_error)?,
+            _ => None,
+        };
+        resolve(policy, key, frontier, state)
+    }
+
+    /// Appends several writes as one transaction: all of them or none become durable,
+    /// with consecutive seqs, and no reader on any replica ever sees part of them.
+    pub async fn transact(
+        &self,
+        space: &SpaceName,
+        writes: Vec<WriteRequest>,
+    ) -> Result<Vec<Written>, NodeError> {
+        self.check_space(space)?;
+        if writes.is_empty() {
+            return Err(NodeError::Invalid(
+                "a transaction needs at least one write".into(),
+            ));
+        }
+        let writes = writes
+            .into_iter()
+            .map(to_store_write)
+            .collect::<Result<Vec<_>, _>>()?;
+        let applied = self
+            .inner
+            .store
+            .append_transaction(space, writes)
+            .await
+            .map_err(store_error)?;
+        let written = applied
+            .iter()
+            .map(|a| Written {
+                id: a.event.id(),
+                lsn: a.lsn,
+            })
+            .collect();
+        for a in applied {
+            if self.inner.publish.send(a).await.is_err() {
+                tracing::debug!("publisher stopped; the transaction will spread by pull");
+                break;
+            }
+        }
+        Ok(written)
+    }
+
+    /// Reads the log in any shape: from the oldest or latest position, at or after an
+    /// lsn, or from a cursor; filtered by key prefix, op and kind; paginated.
+    pub async fn read_events(
+        &self,
+        space: &SpaceName,
+        query: EventQuery,
+    ) -> Result<EventPage, NodeError> {
+        self.check_space(space)?;
+        self.inner
+            .store
+            .read_events(space, query)
+            .await
+            .map_err(store_error)
+    }
+
+    /// Every event of one key, in local order, after local position `after`.
+    pub async fn key_history(
+        &self,
+        space: &SpaceName,
+        key: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<Applied>, NodeError> {
+        self.check_space(space)?;
+        self.inner
+            .store
+            .key_history(space, key, after, limit)
+            .await
+            .map_err(store_error)
     }
 
     /// Applied events with local position after `after`, oldest first, at most `limit`.
@@ -685,11 +723,83 @@ impl Node {
     }
 }
 
+fn to_store_write(req: WriteRequest) -> Result<Write, NodeError> {
+    let payload = match (req.op, req.value) {
+        (Op::Put, Some(p)) => p.0,
+        (Op::Put, None) => return Err(NodeError::Invalid("a put needs a value".into())),
+        (Op::Delete, None) => Vec::new(),
+        (Op::Delete, Some(_)) => return Err(NodeError::Invalid("a delete takes no value".into())),
+    };
+    Ok(Write {
+        key: req.key,
+        op: req.op,
+        kind: req.kind,
+        payload,
+        meta: req.meta,
+    })
+}
+
+/// What a key reads as, from its frontier (and merge state), by the space's policy.
+fn resolve(
+    policy: &Policy,
+    key: &str,
+    frontier: Vec<weft_crdt::Event>,
+    state: Option<Vec<u8>>,
+) -> Result<Option<Record>, NodeError> {
+    if frontier.is_empty() {
+        return Ok(None);
+    }
+    let mut clock = VectorClock::new();
+    for e in &frontier {
+        clock.merge(&e.clock);
+    }
+    let (value, siblings) = match policy {
+        Policy::Resolve(resolver) => {
+            let refs: Vec<_> = frontier.iter().collect();
+            let resolution = resolver.resolve(&refs);
+            let Some(winner) = resolution.value else {
+                return Ok(None);
+            };
+            (
+                Payload(winner.payload.clone()),
+                resolution
+                    .siblings
+                    .iter()
+                    .map(|e| Payload(e.payload.clone()))
+                    .collect(),
+            )
+        }
+        Policy::Merge(merge) => {
+            let Some(state) = state else {
+                return Ok(None);
+            };
+            match merge.read(&state) {
+                Ok(Some(v)) => (Payload(v), Vec::new()),
+                Ok(None) => return Ok(None),
+                Err(e) => {
+                    return Err(NodeError::Invalid(format!(
+                        "the stored state of {key:?} cannot be read by the {} merge: {e}",
+                        merge.name()
+                    )))
+                }
+            }
+        }
+    };
+    Ok(Some(Record {
+        key: key.to_owned(),
+        value,
+        siblings,
+        clock,
+        frontier: frontier.iter().map(|e| e.id()).collect(),
+    }))
+}
+
 /// Store errors caused by the caller's input become [`NodeError::Invalid`], so the API
 /// answers them with a 4xx.
 pub(crate) fn store_error(e: weft_store::StoreError) -> NodeError {
     match e {
         weft_store::StoreError::Invalid(reason) => NodeError::Invalid(reason.to_string()),
+        e @ weft_store::StoreError::BadCursor(_) => NodeError::Invalid(e.to_string()),
         other => NodeError::Store(other),
     }
 }
