@@ -49,6 +49,7 @@
 //! Shutdown: when every `NetClient` is dropped the command channel closes, the loop
 //! returns, and the swarm with all its connections is dropped.
 
+use rand::Rng;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
@@ -112,6 +113,36 @@ pub(crate) struct EventLoop {
     discovery_dials: HashSet<ConnectionId>,
     target_peers: usize,
     next_discovery: Instant,
+    /// Peers mDNS has shown us on the LAN, redialed until connected (see
+    /// [`LanPeer`]).
+    lan_peers: HashMap<PeerId, LanPeer>,
+}
+
+/// A peer found by mDNS and when to dial it next.
+///
+/// Two nodes that discover each other in the same instant dial each other at once; with
+/// port reuse that can become a TCP simultaneous open in which both sides act as dialer
+/// and the handshake fails on both. So mDNS dials use a fresh port, and a peer that is
+/// still not connected is redialed after a jittered, doubling delay (0.5 s to 30 s), so
+/// one failed race never leaves two LAN nodes apart for good.
+struct LanPeer {
+    addrs: Vec<Multiaddr>,
+    next_dial: Instant,
+    attempts: u32,
+}
+
+/// First redial delay for a LAN peer.
+const LAN_REDIAL_MIN: Duration = Duration::from_millis(500);
+/// Longest redial delay for a LAN peer: mDNS re-announces far less often, so a peer
+/// that stays unreachable this long is retried at this pace until its record expires.
+const LAN_REDIAL_MAX: Duration = Duration::from_secs(30);
+
+fn lan_redial_delay(attempts: u32) -> Duration {
+    let base = LAN_REDIAL_MIN
+        .saturating_mul(1u32 << attempts.min(6))
+        .min(LAN_REDIAL_MAX);
+    let jitter = rand::thread_rng().gen_range(0..=base.as_millis() as u64 / 2);
+    base + Duration::from_millis(jitter)
 }
 
 impl EventLoop {
@@ -143,6 +174,7 @@ impl EventLoop {
             discovery_dials: HashSet::new(),
             target_peers: config.target_peers,
             next_discovery: Instant::now() + DISCOVERY_INTERVAL,
+            lan_peers: HashMap::new(),
         }
     }
 
@@ -155,6 +187,12 @@ impl EventLoop {
                 .bootstrap
                 .next_deadline()
                 .map_or(self.next_discovery, |d| d.min(self.next_discovery));
+            let wake_at = self
+                .lan_peers
+                .iter()
+                .filter(|(p, _)| !self.swarm.is_connected(p))
+                .map(|(_, l)| l.next_dial)
+                .fold(wake_at, Instant::min);
             tokio::select! {
                 command = self.commands.recv() => match command {
                     Some(command) => self.handle_command(command),
@@ -340,6 +378,9 @@ impl EventLoop {
                     let _ = reply.send(Ok(()));
                 }
                 self.discovery_dials.remove(&connection_id);
+                if let Some(l) = self.lan_peers.get_mut(&peer_id) {
+                    l.attempts = 0;
+                }
                 self.bootstrap
                     .on_established(connection_id, peer_id, Instant::now());
                 if num_established.get() == 1 {
@@ -567,21 +608,31 @@ impl EventLoop {
                     for addr in &addrs {
                         self.swarm.add_peer_address(peer, addr.clone());
                     }
-                    if self.swarm.is_connected(&peer) {
-                        continue;
+                    let entry = self.lan_peers.entry(peer).or_insert_with(|| LanPeer {
+                        addrs: Vec::new(),
+                        next_dial: Instant::now(),
+                        attempts: 0,
+                    });
+                    for addr in addrs {
+                        if !entry.addrs.contains(&addr) {
+                            entry.addrs.push(addr);
+                        }
                     }
-                    debug!(%peer, ?addrs, "mDNS discovered a peer; dialing");
-                    if let Err(e) = self
-                        .swarm
-                        .dial(DialOpts::peer_id(peer).addresses(addrs).build())
-                    {
-                        debug!(%peer, error = %e, "dialing an mDNS peer failed");
+                    if !self.swarm.is_connected(&peer) {
+                        debug!(%peer, "mDNS discovered a peer; dialing");
+                        self.dial_lan_peer(peer);
                     }
                 }
             }
             mdns::Event::Expired(gone) => {
                 for (peer, addr) in gone {
                     trace!(%peer, %addr, "mDNS record expired");
+                    if let Some(l) = self.lan_peers.get_mut(&peer) {
+                        l.addrs.retain(|a| *a != addr);
+                        if l.addrs.is_empty() {
+                            self.lan_peers.remove(&peer);
+                        }
+                    }
                 }
             }
         }
@@ -607,8 +658,35 @@ impl EventLoop {
         }
     }
 
+    /// Dials an mDNS peer on a fresh port and schedules the next attempt in case this
+    /// one fails.
+    fn dial_lan_peer(&mut self, peer: PeerId) {
+        let Some(l) = self.lan_peers.get_mut(&peer) else {
+            return;
+        };
+        l.next_dial = Instant::now() + lan_redial_delay(l.attempts);
+        l.attempts = l.attempts.saturating_add(1);
+        let opts = DialOpts::peer_id(peer)
+            .addresses(l.addrs.clone())
+            .allocate_new_port()
+            .build();
+        if let Err(e) = self.swarm.dial(opts) {
+            debug!(%peer, error = %e, "dialing an mDNS peer failed");
+        }
+    }
+
     fn on_timer(&mut self) {
         let now = Instant::now();
+        let due: Vec<PeerId> = self
+            .lan_peers
+            .iter()
+            .filter(|(p, l)| l.next_dial <= now && !self.swarm.is_connected(p))
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in due {
+            debug!(%peer, "redialing a LAN peer");
+            self.dial_lan_peer(peer);
+        }
         if now >= self.next_discovery {
             self.next_discovery = now + DISCOVERY_INTERVAL;
             self.discover();

@@ -159,11 +159,24 @@ const EXIT_NO_VALUE: u8 = 1;
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
+        Err(e) if e.use_stderr() => {
+            // A usage error is one line, like every other failure; `--help` has the rest.
+            let text = e.to_string();
+            let message: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more"))
+                .filter(|l| !l.is_empty())
+                .collect();
+            let message = message.join(" ");
+            let message = message.strip_prefix("error: ").unwrap_or(&message);
+            eprintln!("error: {message} (see weft --help)");
+            return ExitCode::from(2);
+        }
         Err(e) => {
-            // Help and version are not errors; usage errors keep clap's message.
-            let code = if e.use_stderr() { 2 } else { 0 };
+            // --help and --version print to stdout and succeed.
             let _ = e.print();
-            return ExitCode::from(code);
+            return ExitCode::SUCCESS;
         }
     };
     let runtime = match tokio::runtime::Runtime::new() {

@@ -167,7 +167,18 @@ impl NodeBuilder {
         net_config.mdns = self.mdns;
         net_config.spaces = spaces.iter().cloned().collect();
         let (net, net_events) = weft_net::start(net_config)?;
-        let listen = net.wait_listening(Duration::from_secs(10)).await?;
+        let mut listen = net.wait_listening(Duration::from_secs(10)).await?;
+        // An unspecified address (0.0.0.0) is reported once per interface, one event at a
+        // time: wait until the set stops growing so every address is known before the
+        // node announces itself. Bounded: at most 40 polls of 25 ms.
+        for _ in 0..40 {
+            tokio::time::sleep(Duration::from_millis(25)).await;
+            let now = net.listen_addrs().await?;
+            if now.len() == listen.len() {
+                break;
+            }
+            listen = now;
+        }
         tracing::debug!(?listen, "network listening");
 
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
