@@ -109,11 +109,12 @@ async fn undecodable_and_badly_signed_messages_are_rejected_and_not_stored() -> 
         if tokio::time::Instant::now() > deadline {
             bail!("the node never applied the genuine event");
         }
-        // Keep answering pulls so the attacker's loop is not backed up.
+        // The forged phase is over: pulls now get the genuine event too, since gossip
+        // that races ahead of the first pull exchange is left to that pull.
         while let Ok(ev) = events.try_recv() {
             if let NetEvent::PullRequested { reply, .. } = ev {
                 let _ = reply.send(PullResponse::Events {
-                    events: vec![tampered(&attacker_key, &space)],
+                    events: vec![genuine.clone()],
                     done: true,
                     have: Default::default(),
                 });
