@@ -12,6 +12,7 @@
 
 mod binary;
 mod cli;
+pub mod in_process;
 pub mod netns;
 mod process;
 mod wait;

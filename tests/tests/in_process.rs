@@ -1,48 +1,15 @@
 //! Several nodes in one process on loopback, joined through bootstrap addresses with
 //! mDNS off.
 
-use std::time::Duration;
-
-use anyhow::{bail, Result};
+use anyhow::Result;
 use weft_node::{Multiaddr, Node, NodeBuilder, SpaceName};
-
-const WAIT: Duration = Duration::from_secs(30);
+use weft_tests::in_process::{eventually, loopback_node, p2p_addr};
 
 async fn start(dir: &std::path::Path, bootstrap: &[Multiaddr]) -> Result<Node> {
-    let mut b = NodeBuilder::new(dir)
-        .mdns(false)
-        .listen("/ip4/127.0.0.1/tcp/0".parse()?)
-        .anti_entropy_interval(Duration::from_secs(2));
-    for a in bootstrap {
-        b = b.bootstrap(a.clone());
-    }
-    Ok(b.start().await?)
-}
-
-async fn addr_of(node: &Node) -> Result<Multiaddr> {
-    let addrs = node.listen_addrs().await?;
-    let Some(a) = addrs.first() else {
-        bail!("node has no listen address")
-    };
-    Ok(format!("{a}/p2p/{}", node.peer_id()).parse()?)
-}
-
-/// Polls `check` every 100 ms until it holds or `WAIT` passes.
-async fn eventually<F, Fut>(what: &str, mut check: F) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<bool>>,
-{
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if check().await? {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("timed out after {WAIT:?} waiting for: {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    loopback_node(dir, |b| {
+        bootstrap.iter().cloned().fold(b, NodeBuilder::bootstrap)
+    })
+    .await
 }
 
 async fn value(node: &Node, key: &str) -> Result<Option<String>> {
@@ -59,9 +26,9 @@ async fn three_nodes_replicate_and_agree_on_concurrent_writes() -> Result<()> {
         .map(|_| tempfile::tempdir())
         .collect::<Result<_, _>>()?;
     let a = start(dirs[0].path(), &[]).await?;
-    let a_addr = addr_of(&a).await?;
+    let a_addr = p2p_addr(&a).await?;
     let b = start(dirs[1].path(), std::slice::from_ref(&a_addr)).await?;
-    let b_addr = addr_of(&b).await?;
+    let b_addr = p2p_addr(&b).await?;
     let c = start(dirs[2].path(), &[b_addr]).await?;
     let nodes = [a, b, c];
     let space = SpaceName::default_space();

@@ -1,32 +1,13 @@
 //! The durable log as users read and write it through a node: atomic transactions that
 //! no replica ever shows in part, reads in every shape, time travel, and bad input.
 
-use std::time::Duration;
-
 use anyhow::{bail, Context, Result};
-use weft_node::{
-    EventQuery, Multiaddr, Node, NodeBuilder, Op, Payload, SpaceName, Start, WriteRequest,
-};
+use weft_node::{EventQuery, Node, NodeBuilder, Op, Payload, SpaceName, Start, WriteRequest};
 
-const WAIT: Duration = Duration::from_secs(30);
+use weft_tests::in_process::{loopback_node, p2p_addr, EVENTUALLY as WAIT};
 
 async fn start(dir: &std::path::Path) -> Result<Node> {
-    Ok(NodeBuilder::new(dir)
-        .mdns(false)
-        .listen("/ip4/127.0.0.1/tcp/0".parse()?)
-        .anti_entropy_interval(Duration::from_secs(1))
-        .start()
-        .await?)
-}
-
-async fn addr_of(node: &Node) -> Result<Multiaddr> {
-    let a = node
-        .listen_addrs()
-        .await?
-        .into_iter()
-        .next()
-        .context("no listen address")?;
-    Ok(format!("{a}/p2p/{}", node.peer_id()).parse()?)
+    loopback_node(dir, |b| b).await
 }
 
 fn put(key: &str, value: serde_json::Value) -> Result<WriteRequest> {
@@ -46,7 +27,7 @@ async fn a_replica_never_shows_part_of_a_transaction() -> Result<()> {
     let (da, db) = (tempfile::tempdir()?, tempfile::tempdir()?);
     let a = start(da.path()).await?;
     let b = start(db.path()).await?;
-    b.dial(addr_of(&a).await?).await?;
+    b.dial(p2p_addr(&a).await?).await?;
     let space = SpaceName::default_space();
     const ACCOUNTS: usize = 5;
     const ROUNDS: usize = 60;

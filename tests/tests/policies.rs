@@ -5,48 +5,15 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use futures::StreamExt;
 use weft_crdt::{Event, FnResolver, Resolution};
-use weft_node::{Multiaddr, Node, NodeBuilder, Policy, PolicyKind, SpaceName};
+use weft_node::{Node, Policy, PolicyKind, SpaceName};
 
-const WAIT: Duration = Duration::from_secs(30);
+use weft_tests::in_process::{eventually, loopback_node, p2p_addr, EVENTUALLY as WAIT};
 
 async fn start(dir: &std::path::Path, policy: Policy) -> Result<Node> {
-    Ok(NodeBuilder::new(dir)
-        .mdns(false)
-        .listen("/ip4/127.0.0.1/tcp/0".parse()?)
-        .space_policy(SpaceName::default_space(), policy)
-        .anti_entropy_interval(Duration::from_secs(1))
-        .start()
-        .await?)
-}
-
-async fn addr_of(node: &Node) -> Result<Multiaddr> {
-    let a = node
-        .listen_addrs()
-        .await?
-        .into_iter()
-        .next()
-        .context("no listen address")?;
-    Ok(format!("{a}/p2p/{}", node.peer_id()).parse()?)
-}
-
-async fn eventually<F, Fut>(what: &str, mut check: F) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<bool>>,
-{
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if check().await? {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("timed out after {WAIT:?} waiting for: {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    loopback_node(dir, |b| b.space_policy(SpaceName::default_space(), policy)).await
 }
 
 async fn in_sync(a: &Node, b: &Node, events: u64) -> Result<bool> {
@@ -72,7 +39,7 @@ async fn pair_after_partition(
     for v in writes_b {
         b.put(&space, key, v).await?;
     }
-    b.dial(addr_of(&a).await?).await?;
+    b.dial(p2p_addr(&a).await?).await?;
     let total = (writes_a.len() + writes_b.len()) as u64;
     eventually("replicas in sync", || in_sync(&a, &b, total)).await?;
     Ok((a, b, da, db))
@@ -97,7 +64,7 @@ async fn mismatched_resolvers_refuse_each_other_and_change_nothing() -> Result<(
         a.version_vector(&space).await?,
         b.version_vector(&space).await?,
     );
-    b.dial(addr_of(&a).await?).await?;
+    b.dial(p2p_addr(&a).await?).await?;
 
     let refused_by = |n: &Node, other: &Node| {
         let (n, other) = (n.clone(), other.peer_id().to_string());
@@ -138,7 +105,7 @@ async fn multi_value_keeps_siblings_counts_and_notifies_conflicts() -> Result<()
     let mut conflicts = Box::pin(a.conflicts(&space));
     a.put(&space, "doc", "a's edit").await?;
     b.put(&space, "doc", "b's edit").await?;
-    b.dial(addr_of(&a).await?).await?;
+    b.dial(p2p_addr(&a).await?).await?;
     eventually("in sync", || in_sync(&a, &b, 2)).await?;
 
     let note = tokio::time::timeout(WAIT, conflicts.next())
