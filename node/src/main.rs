@@ -385,11 +385,17 @@ async fn run(opts: RunOptions) -> Result<ExitCode> {
         resolver,
         durability,
     } = opts;
+    use std::io::IsTerminal as _;
+    // libp2p's kad and gossipsub warn about routine states of a small mesh ("no known
+    // peers" on a lone start, "already published" on a retry); weft logs what matters.
+    const DEFAULT_LOG: &str =
+        "warn,libp2p_kad=error,libp2p_gossipsub=error,weft_node=info,weft_net=info,weft_store=info";
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,weft_node=info,weft_net=info,weft_store=info".into()),
+                .unwrap_or_else(|_| DEFAULT_LOG.into()),
         )
         .init();
     let mut b = NodeBuilder::new(&data)
