@@ -76,7 +76,7 @@ enum Command {
     /// Appends several writes atomically: `weft tx put K1 V1 put K2 V2 del K3`.
     Tx {
         /// `put KEY VALUE` and `del KEY` items, in order.
-        #[arg(required = true, num_args = 1.., allow_hyphen_values = true)]
+        #[arg(required = true, num_args = 1.., allow_negative_numbers = true)]
         items: Vec<String>,
         #[command(flatten)]
         client: Client,

@@ -231,6 +231,50 @@ impl Lan {
         }
     }
 
+    /// Host `i`'s listen address on the LAN (`/ip4/<host_addr>/tcp/<port>`), for
+    /// `--bootstrap`; panics when its node printed none.
+    pub fn lan_listen_addr(&self, i: usize) -> String {
+        let own = format!("/ip4/{}/tcp/", self.host_addr(i));
+        let node = self.weft(i);
+        node.listen_addrs()
+            .iter()
+            .find(|addr| addr.starts_with(&own))
+            .cloned()
+            .unwrap_or_else(|| {
+                node.fail(format!(
+                    "host {i} listens on no {own}.. address: {:?}",
+                    node.listen_addrs()
+                ))
+            })
+    }
+
+    /// Splits the LAN: no host of `side_a` can reach a host of `side_b` and back (an
+    /// `unreachable` /32 route each way), while each side still talks within itself and
+    /// multicast (mDNS) still crosses. [`Lan::heal_partition`] undoes it.
+    pub fn partition(&self, side_a: &[usize], side_b: &[usize]) {
+        self.set_partition(side_a, side_b, "add");
+    }
+
+    /// Removes the routes [`Lan::partition`] added for the same two sides.
+    pub fn heal_partition(&self, side_a: &[usize], side_b: &[usize]) {
+        self.set_partition(side_a, side_b, "del");
+    }
+
+    fn set_partition(&self, side_a: &[usize], side_b: &[usize], action: &str) {
+        for &a in side_a {
+            for &b in side_b {
+                assert_ne!(a, b, "host {a} is on both sides");
+                for (from, to) in [(a, b), (b, a)] {
+                    let target = format!("{}/32", self.host_addr(to));
+                    let ns = &self.hosts[from];
+                    if let Err(err) = ip(&["-n", ns, "route", action, "unreachable", &target]) {
+                        panic!("cannot {action} the route from host {from} to host {to}: {err:#}");
+                    }
+                }
+            }
+        }
+    }
+
     /// A TCP listener inside host `i`, on its LAN address and a free port.
     pub fn tcp_listener(&self, i: usize) -> TcpListener {
         let addr = SocketAddr::from((self.host_addr(i), 0));

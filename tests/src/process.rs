@@ -442,6 +442,42 @@ impl WeftProcess {
         }
     }
 
+    /// Sends `signal` to the running process; fails the test when it is not running.
+    fn signal(&self, signal: libc::c_int, name: &str) {
+        let Some(child) = self.child.as_ref() else {
+            self.fail(format!("{name}: the node is not running"));
+        };
+        let pid = libc::pid_t::try_from(child.id()).expect("pid fits pid_t");
+        // SAFETY: plain syscall on the pid of a child we have not reaped yet.
+        if unsafe { libc::kill(pid, signal) } != 0 {
+            self.fail(format!(
+                "{name} to {pid}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+
+    /// SIGSTOP: the process freezes (no I/O, no timers) until [`Self::resume`]. Its
+    /// API does not answer meanwhile, so client calls against it time out.
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP, "SIGSTOP");
+    }
+
+    /// SIGCONT: a paused process runs on.
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT, "SIGCONT");
+    }
+
+    /// Starts a node that was stopped or killed again, with the same data directory and
+    /// arguments (new ports). Panics when it is still running.
+    pub async fn start_again(&mut self) {
+        if self.is_running() {
+            self.fail("start_again: the node is still running");
+        }
+        self.child = None;
+        self.launch().await;
+    }
+
     /// Stops the node if it runs (cleanly, see [`Self::stop`]) and starts it again with
     /// the same data directory and arguments. It listens and serves its API on new
     /// ports.
@@ -472,6 +508,47 @@ impl WeftProcess {
     pub async fn put(&self, space: &str, key: &str, value: &str) -> String {
         let output = self.cli_ok(&["put", key, value, "--space", space]).await;
         output.stdout_trimmed().to_owned()
+    }
+
+    /// `weft tx put K1 V1 put K2 V2 ..` (at most 256 writes); the printed event ids,
+    /// one per write, or `None` when the command fails.
+    pub async fn try_tx_put(
+        &self,
+        space: &str,
+        writes: &[(String, String)],
+    ) -> Option<Vec<String>> {
+        // The writes are a trailing list that takes every later argument, so the client
+        // options go first (`cli` would append `--api` after them).
+        let mut args: Vec<&str> = vec!["tx", "--api", &self.api_url, "--space", space];
+        for (key, value) in writes {
+            args.extend(["put", key, value]);
+        }
+        let output = run_cli(self.netns.as_deref(), args).await;
+        if !output.success() {
+            eprintln!("weft-tests: {output}");
+            return None;
+        }
+        let ids: Vec<String> = output
+            .stdout_lines()
+            .iter()
+            .map(|l| (*l).to_owned())
+            .collect();
+        if ids.len() != writes.len() {
+            self.fail(format!(
+                "tx of {} writes printed {} ids: {output}",
+                writes.len(),
+                ids.len()
+            ));
+        }
+        Some(ids)
+    }
+
+    /// Like [`Self::try_tx_put`], but fails the test unless the command succeeds.
+    pub async fn tx_put(&self, space: &str, writes: &[(String, String)]) -> Vec<String> {
+        match self.try_tx_put(space, writes).await {
+            Some(ids) => ids,
+            None => self.fail(format!("weft tx of {} writes failed", writes.len())),
+        }
     }
 
     /// `weft del KEY --space SPACE`; returns the printed event id.
