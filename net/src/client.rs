@@ -224,35 +224,9 @@ pub(crate) fn split_batches(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use weft_crdt::{decode_event_batch, Hlc, NodeId, Op, SigningKey, UnsignedEvent, VectorClock};
+    use weft_crdt::decode_event_batch;
 
-    fn events(n: u64, payload: usize) -> Vec<Event> {
-        let key = SigningKey::from_bytes(&[3; 32]);
-        let origin = NodeId::of(&key);
-        let space = SpaceName::default_space();
-        let mut prev = None;
-        (1..=n)
-            .map(|seq| {
-                let mut clock = VectorClock::new();
-                clock.set(origin, seq);
-                let e = UnsignedEvent {
-                    origin,
-                    seq,
-                    clock,
-                    hlc: Hlc::new(1_700_000_000_000 + seq, 0),
-                    key: format!("k/{seq}"),
-                    op: Op::Put,
-                    kind: "Test".into(),
-                    payload: vec![0x40; payload],
-                    meta: Default::default(),
-                    prev,
-                }
-                .sign(&space, &key);
-                prev = Some(e.hash());
-                e
-            })
-            .collect()
-    }
+    use crate::wire::tests::sample_events as events;
 
     #[test]
     fn small_batches_stay_in_one_message() {

@@ -652,6 +652,7 @@ impl Node {
     /// Node id, listen addresses, peers and per-space counts.
     pub async fn status(&self) -> Result<NodeStatus, NodeError> {
         let mut spaces = BTreeMap::new();
+        let mut version_vectors = BTreeMap::new();
         for (s, policy) in &self.inner.policies {
             let st = self.inner.store.stats(s).await.map_err(store_error)?;
             let digest = self.inner.store.digest(s).await.map_err(store_error)?;
@@ -668,6 +669,7 @@ impl Node {
                     incompatible_peers: self.incompatible_peers(s),
                 },
             );
+            version_vectors.insert(s.clone(), st.version_vector);
         }
         let listen = self
             .inner
@@ -692,12 +694,10 @@ impl Node {
             .collect();
         let mut peer_sync: BTreeMap<String, BTreeMap<String, PeerSyncStatus>> = BTreeMap::new();
         for (peer, space, sync) in seen {
-            let mine = self
-                .inner
-                .store
-                .version_vector(&space)
-                .await
-                .map_err(store_error)?;
+            // Only hosted spaces are ever pulled, so the lookup always succeeds.
+            let Some(mine) = version_vectors.get(&space) else {
+                continue;
+            };
             let lag = |a: &VersionVector, b: &VersionVector| -> u64 {
                 a.missing_from(b)
                     .iter()
@@ -708,8 +708,8 @@ impl Node {
                 space.to_string(),
                 PeerSyncStatus {
                     version_vector: vv_json(&sync.version_vector),
-                    behind: lag(&sync.version_vector, &mine),
-                    ahead: lag(&mine, &sync.version_vector),
+                    behind: lag(&sync.version_vector, mine),
+                    ahead: lag(mine, &sync.version_vector),
                     last_sync_ms_ago: sync.last_sync.elapsed().map_or(0, |d| d.as_millis() as u64),
                 },
             );

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use tokio::sync::mpsc::Receiver;
 use tokio::time::timeout;
-use weft_crdt::{Event, Hlc, NodeId, Op, SigningKey, SpaceName, UnsignedEvent, VectorClock};
+use weft_crdt::sync::Replica;
+use weft_crdt::{Event, Op, PolicyKind, SigningKey, SpaceName};
 use weft_net::{Multiaddr, NetClient, NetConfig, NetEvent};
 
 /// How long any single wait in these tests may take.
@@ -55,31 +56,24 @@ pub async fn next(events: &mut Receiver<NetEvent>, want: impl Fn(&NetEvent) -> b
     .expect("timed out waiting for a network event")
 }
 
-/// `n` signed events from the writer with key `[seed; 32]`, a valid chain.
+/// `n` signed events from the writer with key `[seed; 32]`, a valid chain, made the way
+/// a node makes them (the crdt sync core's in-memory replica).
 pub fn signed_events(seed: u8, n: u64) -> Vec<Event> {
-    let key = SigningKey::from_bytes(&[seed; 32]);
-    let origin = NodeId::of(&key);
-    let space = SpaceName::default_space();
-    let mut prev = None;
+    let mut writer = Replica::new(
+        SpaceName::default_space(),
+        PolicyKind::Lww.policy(),
+        SigningKey::from_bytes(&[seed; 32]),
+    );
     (1..=n)
         .map(|seq| {
-            let mut clock = VectorClock::new();
-            clock.set(origin, seq);
-            let e = UnsignedEvent {
-                origin,
-                seq,
-                clock,
-                hlc: Hlc::new(1_700_000_000_000 + seq, 0),
-                key: format!("todos/{seq}"),
-                op: Op::Put,
-                kind: "TodoAdded".into(),
-                payload: vec![0x63, b'a', b'b', b'c'],
-                meta: Default::default(),
-                prev,
-            }
-            .sign(&space, &key);
-            prev = Some(e.hash());
-            e
+            writer
+                .write(
+                    &format!("todos/{seq}"),
+                    Op::Put,
+                    vec![0x63, b'a', b'b', b'c'],
+                    1_700_000_000_000 + seq,
+                )
+                .expect("a valid local write")
         })
         .collect()
 }
