@@ -37,4 +37,8 @@ pub enum EventError {
     /// The ed25519 signature does not match the origin's key over the canonical encoding.
     #[error("bad signature on event {0}")]
     BadSignature(String),
+    /// An unsigned event arrived without a later signed event of its origin in the
+    /// same batch to vouch for it through the hash chain.
+    #[error("event {0} is unsigned and no later signed event of its origin vouches for it")]
+    Unsigned(String),
 }

@@ -137,8 +137,11 @@ pub struct Event {
     /// Hash of the origin's previous event in the space; `None` exactly when `seq == 1`.
     pub prev: Option<EventHash>,
     /// ed25519 signature by `origin` over the canonical encoding of the other fields
-    /// and the space.
-    pub sig: [u8; 64],
+    /// and the space, or `None` for an event vouched for by a later one: a signed event
+    /// covers its `prev`, hence by the hash chain every earlier event of its origin.
+    /// An origin signs at least the last event of each of its commits and every
+    /// [`MAX_UNSIGNED_RUN`]th event, so that one signature costs little per event.
+    pub sig: Option<[u8; 64]>,
 }
 
 /// Whether an event can be applied on a replica with a given version vector.
@@ -247,7 +250,17 @@ impl UnsignedEvent {
     /// The caller guarantees `key` is the origin's key; [`Event::verify`] is what
     /// receivers rely on.
     pub fn sign(self, space: &SpaceName, key: &SigningKey) -> Event {
-        let sig = key.sign(&signing_bytes(space, &body_of!(self))).to_bytes();
+        let sig = Some(key.sign(&signing_bytes(space, &body_of!(self))).to_bytes());
+        self.into_event(sig)
+    }
+
+    /// Seals the event without a signature: it is authentic only once a later signed
+    /// event of the same origin chains back to it (see [`Event::sig`]).
+    pub fn seal_unsigned(self) -> Event {
+        self.into_event(None)
+    }
+
+    fn into_event(self, sig: Option<[u8; 64]>) -> Event {
         Event {
             origin: self.origin,
             seq: self.seq,
@@ -331,11 +344,16 @@ impl Event {
         check_write_fields(&self.key, self.op, &self.kind, &self.payload, &self.meta)
     }
 
-    /// Verifies the origin's signature for `space`.
+    /// Verifies the origin's signature for `space`. An unsigned event fails with
+    /// [`EventError::Unsigned`]: on its own it proves nothing, and only
+    /// [`crate::sync::verify_batch`] can accept it, through a later signed event.
     pub fn verify(&self, space: &SpaceName) -> Result<(), EventError> {
         let bad = || EventError::BadSignature(self.id().to_string());
+        let Some(sig) = &self.sig else {
+            return Err(EventError::Unsigned(self.id().to_string()));
+        };
         let key = VerifyingKey::from_bytes(self.origin.as_bytes()).map_err(|_| bad())?;
-        let sig = Signature::from_bytes(&self.sig);
+        let sig = Signature::from_bytes(sig);
         key.verify_strict(&signing_bytes(space, &body_of!(self)), &sig)
             .map_err(|_| bad())
     }
@@ -381,7 +399,7 @@ impl Serialize for Event {
         t.serialize_element(payload)?;
         t.serialize_element(meta)?;
         t.serialize_element(&prev)?;
-        t.serialize_element(Bytes::new(&self.sig))?;
+        t.serialize_element(&self.sig.as_ref().map(|s| Bytes::new(s)))?;
         t.end()
     }
 }
@@ -432,7 +450,11 @@ impl<'de> Deserialize<'de> for Event {
                     Some(p) => Some(EventHash(fixed(p, "prev")?)),
                     None => None,
                 };
-                let sig = fixed(next(&mut a, "sig")?, "sig")?;
+                let sig: Option<ByteBuf> = next(&mut a, "sig")?;
+                let sig = match sig {
+                    Some(s) => Some(fixed(s, "sig")?),
+                    None => None,
+                };
                 if a.next_element::<de::IgnoredAny>()?.is_some() {
                     return Err(de::Error::custom("event has extra fields"));
                 }

@@ -25,3 +25,8 @@ pub const MAX_CLOCK_ENTRIES: usize = 1024;
 /// Largest encoded event. Payload, meta and a full clock (1024 entries of ~45 bytes)
 /// fit with room to spare.
 pub const MAX_EVENT_BYTES: usize = 128 * 1024;
+
+/// Longest run of an origin's consecutive unsigned events (see [`crate::Event::sig`]).
+/// A writer signs at least every this many events, so a pull page that must end on a
+/// signed event of each origin overshoots its size limit by at most this much.
+pub const MAX_UNSIGNED_RUN: usize = 256;

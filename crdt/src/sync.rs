@@ -30,6 +30,7 @@ use crate::event::{check_write_fields, Event, EventHash, Op, Readiness, Unsigned
 use crate::frontier::Frontier;
 use crate::hlc::HlcClock;
 use crate::id::{EventId, NodeId, SpaceName};
+use crate::limits::MAX_UNSIGNED_RUN;
 use crate::policy::{MergeError, Policy};
 use crate::SigningKey;
 
@@ -300,11 +301,18 @@ pub struct PageBuilder<'h> {
     max_bytes: usize,
     events: Vec<Event>,
     bytes: usize,
+    /// Origins whose last event on the page is unsigned: the page may not end before
+    /// each of them reaches a signed event, or the puller could not verify their run.
+    open: Vec<NodeId>,
 }
 
 impl<'h> PageBuilder<'h> {
     /// A page for a puller that has `have`, of at most `max_events` events (at least 1)
     /// and about `max_bytes` of encoded events.
+    ///
+    /// Each origin's run on the page ends on a signed event (see [`Event::sig`]), so a
+    /// page may overshoot both limits by up to [`MAX_UNSIGNED_RUN`] events, and at most
+    /// twice `max_bytes`; past that, [`PageBuilder::finish`] drops unvouched tails.
     pub fn new(have: &'h VersionVector, max_events: usize, max_bytes: usize) -> Self {
         PageBuilder {
             have,
@@ -312,6 +320,7 @@ impl<'h> PageBuilder<'h> {
             max_bytes,
             events: Vec::new(),
             bytes: 0,
+            open: Vec::new(),
         }
     }
 
@@ -340,18 +349,53 @@ impl<'h> PageBuilder<'h> {
         if self.have.contains(&event.id()) {
             return Offer::Skipped;
         }
-        let full = self.events.len() >= self.max_events
-            || self.bytes.saturating_add(encoded_len) > self.max_bytes;
-        if full && !self.events.is_empty() {
-            return Offer::Full;
+        let bytes = self.bytes.saturating_add(encoded_len);
+        if !self.events.is_empty() {
+            let full = self.events.len() >= self.max_events || bytes > self.max_bytes;
+            let hard_full = self.events.len() >= self.max_events + MAX_UNSIGNED_RUN
+                || bytes > self.max_bytes.saturating_mul(2);
+            if (full && self.open.is_empty()) || hard_full {
+                return Offer::Full;
+            }
         }
-        self.bytes = self.bytes.saturating_add(encoded_len);
+        self.bytes = bytes;
+        let at = self.open.iter().position(|o| *o == event.origin);
+        match (event.sig.is_some(), at) {
+            (true, Some(i)) => {
+                self.open.swap_remove(i);
+            }
+            (false, None) => self.open.push(event.origin),
+            _ => {}
+        }
         Offer::Taken
     }
 
     /// The page, and whether it is the last (`done`: the scan reached the log's end).
+    ///
+    /// An origin whose run on the page still ends unsigned (the hard limit cut it, or
+    /// its voucher is not applied here yet) loses that unsigned tail: the puller could
+    /// not verify it, and gets it with its voucher from a later page or another peer.
     pub fn finish(self, done: bool) -> (Vec<Event>, bool) {
-        (self.events, done)
+        let PageBuilder {
+            mut events, open, ..
+        } = self;
+        if !open.is_empty() {
+            let mut vouched: Vec<NodeId> = Vec::new();
+            let mut keep = vec![true; events.len()];
+            for (i, e) in events.iter().enumerate().rev() {
+                if !open.contains(&e.origin) || vouched.contains(&e.origin) {
+                    continue;
+                }
+                if e.sig.is_some() {
+                    vouched.push(e.origin);
+                } else {
+                    keep[i] = false;
+                }
+            }
+            let mut k = keep.into_iter();
+            events.retain(|_| k.next().unwrap_or(true));
+        }
+        (events, done)
     }
 }
 
@@ -500,6 +544,35 @@ impl Replica {
         payload: Vec<u8>,
         wall_ms: u64,
     ) -> Result<Event, SyncError> {
+        self.write_one(key, op, payload, wall_ms, true)
+    }
+
+    /// Appends several local events as one commit does: each is chained and applied
+    /// like [`Replica::write`], but only the last is signed, vouching for the others
+    /// through the hash chain. Stops at the first invalid write; the events before it
+    /// stay applied and their run ends unsigned, as a crashed writer's would not (a
+    /// store applies a commit whole), so callers pass valid writes.
+    pub fn write_run(
+        &mut self,
+        writes: Vec<(String, Op, Vec<u8>)>,
+        wall_ms: u64,
+    ) -> Result<Vec<Event>, SyncError> {
+        let n = writes.len();
+        let mut out = Vec::with_capacity(n);
+        for (i, (key, op, payload)) in writes.into_iter().enumerate() {
+            out.push(self.write_one(&key, op, payload, wall_ms, i + 1 == n)?);
+        }
+        Ok(out)
+    }
+
+    fn write_one(
+        &mut self,
+        key: &str,
+        op: Op,
+        payload: Vec<u8>,
+        wall_ms: u64,
+        signed: bool,
+    ) -> Result<Event, SyncError> {
         let meta = BTreeMap::new();
         check_write_fields(key, op, "", &payload, &meta).map_err(SyncError::InvalidWrite)?;
         if let Policy::Merge(m) = &self.policy {
@@ -522,8 +595,12 @@ impl Replica {
             payload,
             meta,
             prev,
-        }
-        .sign(&self.space, &self.signing_key);
+        };
+        let event = if signed {
+            event.sign(&self.space, &self.signing_key)
+        } else {
+            event.seal_unsigned()
+        };
         // Catches what the fields alone cannot: a clock over its entry limit.
         event.validate().map_err(SyncError::InvalidWrite)?;
         let hash = event.hash();
@@ -823,6 +900,78 @@ mod tests {
         assert_eq!((out.applied.len(), out.dropped), (1, 1));
         let out = c.ingest(vec![e2]).unwrap();
         assert_eq!(out.applied.len(), 1, "the correct copy still applies");
+    }
+
+    #[test]
+    fn unsigned_events_count_only_when_a_later_signed_event_vouches_for_them() {
+        let mut a = replica(1, PolicyKind::Lww);
+        let run: Vec<_> = (0..4).map(|i| (format!("k{i}"), Op::Put, int(i))).collect();
+        let events = a.write_run(run, 5).unwrap();
+        assert!(events[..3].iter().all(|e| e.sig.is_none()));
+        assert!(events[3].sig.is_some());
+        let space = SpaceName::default_space();
+        assert!(matches!(
+            events[0].verify(&space),
+            Err(EventError::Unsigned(_))
+        ));
+        verify_batch(&space, &events).unwrap();
+        // Without its voucher the run proves nothing.
+        let (id, err) = verify_batch(&space, &events[..3]).unwrap_err();
+        assert_eq!(id, events[0].id());
+        assert!(matches!(err, EventError::Unsigned(_)), "{err}");
+        // A tampered unsigned event breaks the chain to the voucher.
+        let mut tampered = events.clone();
+        tampered[1].payload = int(99);
+        assert!(verify_batch(&space, &tampered).is_err());
+        // Encoding keeps the missing signature missing.
+        let back = Event::decode(&events[0].encode()).unwrap();
+        assert_eq!(back, events[0]);
+        let mut b = replica(2, PolicyKind::Lww);
+        assert_eq!(b.ingest(events).unwrap().applied.len(), 4);
+        assert_eq!(a.state_digest(), b.state_digest());
+    }
+
+    #[test]
+    fn pages_end_each_origin_run_on_a_signed_event() {
+        let mut a = replica(1, PolicyKind::Lww);
+        let mut b = replica(2, PolicyKind::Lww);
+        let mut log = Vec::new();
+        for round in 0..3 {
+            let run: Vec<_> = (0..5)
+                .map(|i| (format!("a{round}{i}"), Op::Put, int(i)))
+                .collect();
+            log.extend(a.write_run(run, 5).unwrap());
+            log.push(b.write("b", Op::Put, int(round), 5).unwrap());
+        }
+        let have = VersionVector::new();
+        // Limit 2 would cut a's first run after two unsigned events; the page runs on
+        // to the run's signed end, taking b's event between if any.
+        let mut page = PageBuilder::new(&have, 2, usize::MAX);
+        let mut taken = 0;
+        for e in &log {
+            if page.offer(e, 100) == Offer::Full {
+                break;
+            }
+            taken += 1;
+        }
+        let (events, _) = page.finish(false);
+        assert_eq!(taken, 5);
+        assert_eq!(events.len(), 5);
+        assert!(events.last().unwrap().sig.is_some());
+        verify_batch(&SpaceName::default_space(), &events).unwrap();
+
+        // A log that ends unsigned (voucher not here yet) loses only that tail.
+        let mut page = PageBuilder::new(&have, 100, usize::MAX);
+        for e in &log[..9] {
+            page.offer(e, 100);
+        }
+        let (events, _) = page.finish(true);
+        assert_eq!(
+            events.len(),
+            6,
+            "the unvouched start of a's second run is left out"
+        );
+        verify_batch(&SpaceName::default_space(), &events).unwrap();
     }
 
     #[test]

@@ -157,22 +157,33 @@ impl Sim {
 
     fn local_write(&mut self) -> Result<(), String> {
         let who = self.rng.gen_range(0..self.replicas.len());
-        let key = format!("k{}", self.rng.gen_range(0..self.keys));
-        let (op, body) = if self.rng.gen_bool(0.15) {
-            (Op::Delete, Vec::new())
+        // A third of the writes come as runs, the way a store's group commit makes
+        // them: only the run's last event is signed and vouches for the others.
+        let n = if self.rng.gen_bool(0.3) {
+            self.rng.gen_range(2..=4)
         } else {
-            (Op::Put, self.payload())
+            1
         };
+        let mut writes = Vec::with_capacity(n);
+        for _ in 0..n {
+            let key = format!("k{}", self.rng.gen_range(0..self.keys));
+            let (op, body) = if self.rng.gen_bool(0.15) {
+                (Op::Delete, Vec::new())
+            } else {
+                (Op::Put, self.payload())
+            };
+            writes.push((key, op, body));
+        }
         // Clocks drift and sometimes step back; the HLC must cope.
         self.wall_ms =
             (self.wall_ms + self.rng.gen_range(0..20)).saturating_sub(self.rng.gen_range(0..5));
-        let event = self.replicas[who]
-            .write(&key, op, body, self.wall_ms)
+        let events = self.replicas[who]
+            .write_run(writes, self.wall_ms)
             .map_err(|e| format!("local write refused: {e}"))?;
-        self.writes += 1;
+        self.writes += events.len() as u64;
         for peer in 0..self.replicas.len() {
             if peer != who {
-                self.send(who, peer, Payload::Gossip(vec![event.clone()]));
+                self.send(who, peer, Payload::Gossip(events.clone()));
             }
         }
         Ok(())
@@ -295,7 +306,7 @@ impl Sim {
                 }
             }
         }
-        self.check(target)
+        self.check(self.writes)
     }
 
     fn pull_until_done(&mut self, puller: usize, from: usize) -> Result<(), String> {
