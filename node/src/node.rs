@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use futures::Stream;
 use serde::Serialize;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::StreamExt;
@@ -182,14 +182,15 @@ impl NodeBuilder {
         tracing::debug!(?listen, "network listening");
 
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
-        let (publish_tx, publish_rx) = mpsc::channel(self.sync.publish_queue);
+        // Subscribed before the node takes any write, so every local commit reaches
+        // the publisher, in commit order.
+        let applied_rx = store.subscribe();
         let inner = Arc::new(Inner {
             node_id: store.node_id(),
             store,
             net,
             policies,
             peer_spaces: Default::default(),
-            publish: publish_tx,
             shutdown: shutdown_tx,
             tasks: std::sync::Mutex::new(Vec::new()),
             api_addr: std::sync::Mutex::new(None),
@@ -199,7 +200,7 @@ impl NodeBuilder {
         let loop_task = tokio::spawn(sync::run(
             node.clone(),
             net_events,
-            publish_rx,
+            applied_rx,
             shutdown_rx.clone(),
             self.sync,
         ));
@@ -229,7 +230,6 @@ pub(crate) struct Inner {
     pub(crate) net: NetClient,
     pub(crate) policies: BTreeMap<SpaceName, Policy>,
     pub(crate) peer_spaces: sync::InFlight,
-    publish: mpsc::Sender<Applied>,
     shutdown: watch::Sender<bool>,
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
     api_addr: std::sync::Mutex<Option<SocketAddr>>,
@@ -417,16 +417,12 @@ impl Node {
             .append(space, to_store_write(req)?)
             .await
             .map_err(store_error)?;
-        let written = Written {
+        // The sync loop gossips it from the store's commit feed; the write is durable
+        // and acknowledged whatever happens to gossip, since peers that miss it pull it.
+        Ok(Written {
             id: applied.event.id(),
             lsn: applied.lsn,
-        };
-        // The write is durable and acknowledged whatever happens to gossip: peers that
-        // miss it pull it later.
-        if self.inner.publish.send(applied).await.is_err() {
-            tracing::debug!("publisher stopped; the write will spread by pull");
-        }
-        Ok(written)
+        })
     }
 
     /// Puts a serde value (stored as CBOR) under `key`.
@@ -537,12 +533,6 @@ impl Node {
                 lsn: a.lsn,
             })
             .collect();
-        for a in applied {
-            if self.inner.publish.send(a).await.is_err() {
-                tracing::debug!("publisher stopped; the transaction will spread by pull");
-                break;
-            }
-        }
         Ok(written)
     }
 

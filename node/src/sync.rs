@@ -14,8 +14,10 @@
 //! - A pull runs page by page until the responder says `done`: on every new
 //!   connection, when a peer subscribes to a space, on a gap, and periodically against
 //!   a random peer (anti-entropy, with jitter).
-//! - Local writes reach this loop through the publish queue and go out as gossip,
-//!   batched when they arrive faster than the swarm takes them.
+//! - Local writes reach this loop from the store's commit feed, in commit order, and go
+//!   out as gossip, batched when they arrive faster than the swarm takes them. A batch
+//!   ends each space's run on a signed event (the store signs the last event of each
+//!   commit), so receivers can verify it; unsigned events wait for their voucher.
 //! - Every pull carries the space's policy identity. Peers whose policy differs are
 //!   refused in both directions with a clear error, and gossip for a space is only taken
 //!   from peers a pull exchange has shown to be compatible; until then the pull that
@@ -26,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::Rng;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use weft_crdt::{PolicyIdentity, SpaceName, VersionVector};
 use weft_net::{NetEvent, PeerId, PullRequest, PullResponse, Verdict};
 use weft_store::{Applied, StoreError};
@@ -50,8 +52,6 @@ pub(crate) struct SyncConfig {
     /// resumes elsewhere. 10 s: a page of 1,000 events is a few hundred KB, which any
     /// live link delivers in well under a second.
     pub page_timeout: Duration,
-    /// Capacity of the local-write publish queue.
-    pub publish_queue: usize,
     /// Most events in one gossip message.
     pub publish_batch: usize,
 }
@@ -64,7 +64,6 @@ impl Default for SyncConfig {
             page_bytes: 4 * 1024 * 1024,
             max_pages: 100_000,
             page_timeout: Duration::from_secs(10),
-            publish_queue: 1_024,
             publish_batch: 256,
         }
     }
@@ -116,13 +115,14 @@ fn refuse_message(
 pub(crate) async fn run(
     node: Node,
     mut events: mpsc::Receiver<NetEvent>,
-    mut publish: mpsc::Receiver<Applied>,
+    mut applied: broadcast::Receiver<Arc<Applied>>,
     mut shutdown: watch::Receiver<bool>,
     config: SyncConfig,
 ) {
     let in_flight: InFlight = node.inner.peer_spaces.clone();
     let mut anti_entropy = tokio::time::interval(jittered(config.anti_entropy));
     anti_entropy.tick().await;
+    let mut held: Vec<(SpaceName, weft_crdt::Event)> = Vec::new();
     loop {
         tokio::select! {
             _ = shutdown.changed() => break,
@@ -130,9 +130,17 @@ pub(crate) async fn run(
                 Some(ev) => handle(&node, ev, &in_flight, &config),
                 None => break,
             },
-            first = publish.recv() => match first {
-                Some(first) => publish_batch(&node, first, &mut publish, &config).await,
-                None => break,
+            first = applied.recv() => match first {
+                Ok(first) => {
+                    publish_batch(&node, first, &mut applied, &mut held, &config).await
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    // Those writes (and any unsigned ones held, whose voucher may be
+                    // among them) spread by pull instead.
+                    tracing::debug!("publisher fell {n} events behind; pull will carry them");
+                    held.clear();
+                }
+                Err(broadcast::error::RecvError::Closed) => break,
             },
             _ = anti_entropy.tick() => {
                 anti_entropy.reset_after(jittered(config.anti_entropy));
@@ -157,33 +165,62 @@ fn jittered(base: Duration) -> Duration {
     base + Duration::from_millis(rand::thread_rng().gen_range(0..=quarter))
 }
 
-/// Gathers the local writes already queued behind `first` into one gossip message per
-/// space, so a burst of writes costs a few messages rather than one each.
+/// Gathers the local writes already committed behind `first` into one gossip message
+/// per space, so a burst of writes costs a few messages rather than one each.
+///
+/// Each space's message ends on a signed event: unsigned events after it stay in
+/// `held` until the signed event of their commit arrives (it is in the same commit, so
+/// right behind them on the feed).
 async fn publish_batch(
     node: &Node,
-    first: Applied,
-    queue: &mut mpsc::Receiver<Applied>,
+    first: Arc<Applied>,
+    feed: &mut broadcast::Receiver<Arc<Applied>>,
+    held: &mut Vec<(SpaceName, weft_crdt::Event)>,
     config: &SyncConfig,
 ) {
-    let mut batch = vec![first];
-    while batch.len() < config.publish_batch {
-        match queue.try_recv() {
-            Ok(a) => batch.push(a),
+    let local = node.inner.node_id;
+    let take = |a: &Applied, held: &mut Vec<(SpaceName, weft_crdt::Event)>| {
+        if a.event.origin == local {
+            held.push((a.space.clone(), a.event.clone()));
+        }
+    };
+    take(&first, held);
+    let mut taken = 1;
+    while taken < config.publish_batch {
+        match feed.try_recv() {
+            Ok(a) => {
+                take(&a, held);
+                taken += 1;
+            }
+            Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                tracing::debug!("publisher fell {n} events behind; pull will carry them");
+                held.clear();
+            }
             Err(_) => break,
         }
     }
     let mut by_space: Vec<(SpaceName, Vec<weft_crdt::Event>)> = Vec::new();
-    for a in batch {
-        match by_space.iter_mut().find(|(s, _)| *s == a.space) {
-            Some((_, evs)) => evs.push(a.event),
-            None => by_space.push((a.space, vec![a.event])),
+    let mut rest: Vec<(SpaceName, weft_crdt::Event)> = Vec::new();
+    for (space, event) in held.drain(..) {
+        match by_space.iter_mut().find(|(s, _)| *s == space) {
+            Some((_, evs)) => evs.push(event),
+            None => by_space.push((space, vec![event])),
         }
     }
-    for (space, evs) in by_space {
+    for (space, mut evs) in by_space {
+        let cut = evs
+            .iter()
+            .rposition(|e| e.sig.is_some())
+            .map_or(0, |i| i + 1);
+        rest.extend(evs.drain(cut..).map(|e| (space.clone(), e)));
+        if evs.is_empty() {
+            continue;
+        }
         if let Err(e) = node.inner.net.publish(space, evs).await {
             tracing::debug!("gossip publish failed (pull will cover it): {e}");
         }
     }
+    *held = rest;
 }
 
 fn handle(node: &Node, ev: NetEvent, in_flight: &InFlight, config: &SyncConfig) {
