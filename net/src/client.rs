@@ -1,15 +1,18 @@
 //! [`NetClient`], the handle the node uses to drive the network, and the
 //! [`Command`]s it sends to the event loop.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use libp2p::gossipsub::{MessageAcceptance, MessageId};
 use libp2p::{Multiaddr, PeerId};
 use tokio::sync::{mpsc, oneshot};
-use weft_crdt::{encode_event_batch, Event, SpaceName};
+use weft_crdt::compact::BatchEncoder;
+use weft_crdt::{Event, SpaceName};
 
 use crate::config::BATCH_HEADER_BYTES;
 use crate::error::NetError;
+use crate::traffic::{Counters, Traffic};
 use crate::wire::{PullRequest, PullResponse};
 
 /// The node's verdict on a gossip message, after checking signatures and clocks.
@@ -52,7 +55,7 @@ pub(crate) enum Command {
     },
     Publish {
         space: SpaceName,
-        messages: Vec<Vec<u8>>,
+        messages: Vec<GossipMessage>,
         reply: oneshot::Sender<Result<(), NetError>>,
     },
     Pull {
@@ -68,6 +71,14 @@ pub(crate) enum Command {
     },
 }
 
+/// One gossip message body: a compact event batch ([`weft_crdt::compact`]).
+#[derive(Debug)]
+pub(crate) struct GossipMessage {
+    pub(crate) data: Vec<u8>,
+    /// Events in it, for the traffic counters.
+    pub(crate) events: usize,
+}
+
 /// A cloneable handle to the network event loop. The loop runs until every clone is
 /// dropped.
 #[derive(Clone, Debug)]
@@ -75,6 +86,7 @@ pub struct NetClient {
     commands: mpsc::Sender<Command>,
     local_peer_id: PeerId,
     max_batch_bytes: usize,
+    counters: Arc<Counters>,
 }
 
 impl NetClient {
@@ -82,12 +94,21 @@ impl NetClient {
         commands: mpsc::Sender<Command>,
         local_peer_id: PeerId,
         max_batch_bytes: usize,
+        counters: Arc<Counters>,
     ) -> Self {
         NetClient {
             commands,
             local_peer_id,
             max_batch_bytes,
+            counters,
         }
+    }
+
+    /// What this node has sent and received since its network started: bytes on the
+    /// wire (every TCP connection, all framing included), bytes per protocol, and
+    /// gossip and pull counts. Reads counters; never waits for the event loop.
+    pub fn traffic(&self) -> Traffic {
+        self.counters.snapshot()
     }
 
     async fn ask<T>(
@@ -131,8 +152,9 @@ impl NetClient {
         self.ask(|reply| Command::Dial { addr, reply }).await?
     }
 
-    /// Gossips `events` on the space's topic, split into as many messages as needed to keep
-    /// each under the gossip size limit.
+    /// Gossips `events` on the space's topic as compact batches ([`weft_crdt::compact`]),
+    /// in order, split into as many messages as needed to keep each under the gossip size
+    /// limit.
     ///
     /// Having no subscribed peer yet and re-publishing an identical batch are not errors:
     /// the pull protocol delivers whatever gossip does not. Fails for a space that is not
@@ -156,7 +178,7 @@ impl NetClient {
     pub async fn publish_raw(&self, space: SpaceName, data: Vec<u8>) -> Result<(), NetError> {
         self.ask(|reply| Command::Publish {
             space,
-            messages: vec![data],
+            messages: vec![GossipMessage { data, events: 0 }],
             reply,
         })
         .await?
@@ -192,39 +214,76 @@ impl NetClient {
     }
 }
 
-/// Cuts `events` into batches whose encoding ([`encode_event_batch`]) is at most
-/// `max_batch_bytes`, keeping their order.
+/// Cuts `events`, in order, into compact batches of at most `max_batch_bytes`.
+///
+/// Batches are cut by the canonical size of their events, which is what receivers
+/// bound a message's decoded events by (`NetConfig::max_gossip_bytes`), keeping
+/// [`BATCH_HEADER_BYTES`] for the batch's own framing. The compact form is smaller in
+/// practice; should a batch of unusually many distinct node ids come out larger than
+/// `max_batch_bytes` all the same, it is halved until it fits.
 pub(crate) fn split_batches(
     events: &[Event],
     max_batch_bytes: usize,
-) -> Result<Vec<Vec<u8>>, NetError> {
+) -> Result<Vec<GossipMessage>, NetError> {
     let budget = max_batch_bytes.saturating_sub(BATCH_HEADER_BYTES);
     let mut messages = Vec::new();
+    let mut batch = BatchEncoder::new();
     let mut start = 0;
-    let mut size = 0;
     for (i, event) in events.iter().enumerate() {
-        let len = event.encode().len();
-        if len > budget {
+        let canonical = event.encode();
+        if canonical.len() > budget {
             return Err(NetError::EventTooLarge {
-                size: len,
+                size: canonical.len(),
                 limit: budget,
             });
         }
-        if size + len > budget {
-            messages.push(encode_event_batch(&events[start..i]));
+        if !batch.is_empty() && batch.event_bytes() + canonical.len() > budget {
+            let full = std::mem::take(&mut batch);
+            seal(full, &events[start..i], max_batch_bytes, &mut messages)?;
             start = i;
-            size = 0;
         }
-        size += len;
+        batch.push_encoded(event, &canonical);
     }
-    messages.push(encode_event_batch(&events[start..]));
+    seal(batch, &events[start..], max_batch_bytes, &mut messages)?;
     Ok(messages)
+}
+
+/// Finishes `batch` (the encoding of `events`) into `out`, halving `events` while the
+/// encoding is over `max_batch_bytes`.
+fn seal(
+    batch: BatchEncoder,
+    events: &[Event],
+    max_batch_bytes: usize,
+    out: &mut Vec<GossipMessage>,
+) -> Result<(), NetError> {
+    if batch.encoded_len() <= max_batch_bytes {
+        out.push(GossipMessage {
+            events: batch.len(),
+            data: batch.finish(),
+        });
+        return Ok(());
+    }
+    if events.len() <= 1 {
+        return Err(NetError::EventTooLarge {
+            size: batch.encoded_len(),
+            limit: max_batch_bytes,
+        });
+    }
+    let (a, b) = events.split_at(events.len() / 2);
+    for half in [a, b] {
+        let mut batch = BatchEncoder::new();
+        for e in half {
+            batch.push(e);
+        }
+        seal(batch, half, max_batch_bytes, out)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use weft_crdt::decode_event_batch;
+    use weft_crdt::compact::decode_batch;
 
     use crate::wire::tests::sample_events as events;
 
@@ -233,7 +292,8 @@ mod tests {
         let evs = events(3, 10);
         let msgs = split_batches(&evs, 64 * 1024).unwrap();
         assert_eq!(msgs.len(), 1);
-        assert_eq!(decode_event_batch(&msgs[0]).unwrap(), evs);
+        assert_eq!(msgs[0].events, 3);
+        assert_eq!(decode_batch(&msgs[0].data, 64 * 1024).unwrap(), evs);
     }
 
     #[test]
@@ -244,8 +304,58 @@ mod tests {
         assert!(msgs.len() >= 7, "{} messages", msgs.len());
         let mut all = Vec::new();
         for m in &msgs {
-            assert!(m.len() <= limit, "{} > {limit}", m.len());
-            all.extend(decode_event_batch(m).unwrap());
+            assert!(m.data.len() <= limit, "{} > {limit}", m.data.len());
+            // What the receiver allows: decoded events within its gossip limit.
+            let decoded = decode_batch(&m.data, limit).unwrap();
+            assert_eq!(decoded.len(), m.events);
+            all.extend(decoded);
+        }
+        assert_eq!(all, evs);
+    }
+
+    #[test]
+    fn a_batch_of_many_node_ids_is_halved_until_it_fits() {
+        // Each event names many other nodes once; their ids cost the compact form a few
+        // bytes more than the canonical one.
+        let key = weft_crdt::SigningKey::from_bytes(&[5; 32]);
+        let origin = weft_crdt::NodeId::of(&key);
+        let space = SpaceName::default_space();
+        let evs: Vec<Event> = (0..8u32)
+            .map(|i| {
+                let mut clock: weft_crdt::VectorClock = (0..200u32)
+                    .map(|j| {
+                        let mut b = [0u8; 32];
+                        b[..4].copy_from_slice(&(i * 1000 + j).to_be_bytes());
+                        (weft_crdt::NodeId::from_bytes(b), 300)
+                    })
+                    .collect();
+                clock.set(origin, 1);
+                weft_crdt::UnsignedEvent {
+                    origin,
+                    seq: 1,
+                    clock,
+                    hlc: weft_crdt::Hlc(1),
+                    key: format!("k{i}"),
+                    op: weft_crdt::Op::Put,
+                    kind: String::new(),
+                    payload: vec![],
+                    meta: Default::default(),
+                    prev: None,
+                }
+                .sign(&space, &key)
+            })
+            .collect();
+        let canonical: usize = evs.iter().map(|e| e.encode().len()).sum();
+        let limit = canonical + BATCH_HEADER_BYTES;
+        let msgs = split_batches(&evs, limit).unwrap();
+        assert!(
+            msgs.len() > 1,
+            "the one canonical-sized batch was too large"
+        );
+        let mut all = Vec::new();
+        for m in &msgs {
+            assert!(m.data.len() <= limit, "{} > {limit}", m.data.len());
+            all.extend(decode_batch(&m.data, limit).unwrap());
         }
         assert_eq!(all, evs);
     }

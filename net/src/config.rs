@@ -24,7 +24,7 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60 * 60);
 
 /// Default [`NetConfig::max_gossip_bytes`]: 1 MiB. Large enough for several maximal events
 /// (128 KiB each, `weft_crdt::limits::MAX_EVENT_BYTES`) per batch, small enough that a
-/// gossip message never holds a connection for long.
+/// gossip message never holds a connection for long, or decodes to much memory.
 pub const DEFAULT_MAX_GOSSIP_BYTES: usize = 1024 * 1024;
 
 /// Default [`NetConfig::max_request_bytes`]: 1 MiB. A pull request is mostly a version
@@ -70,15 +70,16 @@ pub const DEFAULT_MAX_ESTABLISHED_PER_PEER: u32 = 2;
 /// inbound connections can make us hold.
 pub const DEFAULT_MAX_PENDING: u32 = 32;
 
-/// Bytes of each gossip message reserved for gossipsub's own envelope (signature, public
-/// key, source, sequence number, topic, protobuf framing: a few hundred bytes in
-/// practice). gossipsub checks only the payload against `max_transmit_size` when
-/// publishing, but the receiver checks the whole frame, so batches are cut this much
-/// shorter than [`NetConfig::max_gossip_bytes`].
+/// Bytes of each gossip message reserved for gossipsub's own envelope (topic and protobuf
+/// framing: a few dozen bytes, as messages are anonymous; see `behaviour::build`).
+/// gossipsub checks only the payload against `max_transmit_size` when publishing, but the
+/// receiver checks the whole frame, so batches are cut this much shorter than
+/// [`NetConfig::max_gossip_bytes`].
 pub const GOSSIP_ENVELOPE_RESERVE: usize = 4 * 1024;
 
-/// Bytes a batch adds around its events (`[1, [..]]`: version and array headers).
-pub(crate) const BATCH_HEADER_BYTES: usize = 16;
+/// Bytes of a gossip batch's budget kept for the batch's own framing (version, array
+/// heads, the origin's id): its events, in canonical encoding, take at most the rest.
+pub(crate) const BATCH_HEADER_BYTES: usize = 64;
 
 /// How a node takes part in the network. Build one with [`NetConfig::new`] and adjust
 /// fields as needed.
@@ -103,11 +104,14 @@ pub struct NetConfig {
     pub event_buffer: usize,
     /// How long a connection with no protocol activity is kept open.
     pub idle_timeout: Duration,
-    /// Largest gossip message (gossipsub `max_transmit_size`).
+    /// Largest gossip message (gossipsub `max_transmit_size`), and the most its events
+    /// may take in their canonical encoding once decoded: a compact batch that would
+    /// decode to more is rejected.
     pub max_gossip_bytes: usize,
     /// Largest `/weft/sync/1` request, in either direction.
     pub max_request_bytes: usize,
-    /// Largest `/weft/sync/1` response, in either direction.
+    /// Largest `/weft/sync/1` response, in either direction; also the most a page's
+    /// events may take in their canonical encoding once decoded.
     pub max_response_bytes: usize,
     /// How long a pull may take before it fails; also how long the node has to answer an
     /// inbound pull.
@@ -171,7 +175,7 @@ impl NetConfig {
         }
     }
 
-    /// The largest batch body ([`weft_crdt::encode_event_batch`]) one gossip message carries.
+    /// The largest batch body ([`weft_crdt::compact`]) one gossip message carries.
     pub(crate) fn max_batch_bytes(&self) -> usize {
         self.max_gossip_bytes
             .saturating_sub(GOSSIP_ENVELOPE_RESERVE)

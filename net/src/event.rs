@@ -35,7 +35,9 @@ pub enum NetEvent {
     /// [`crate::NetClient::report_validation`] with `message_id` and `source`; the message
     /// is forwarded to other peers only once accepted.
     Gossip {
-        /// The peer that forwarded the message to us (not necessarily its author).
+        /// The peer that sent the message to us (gossipsub's propagation source), which
+        /// need not be the peer that published it: messages are anonymous, and the
+        /// events in them carry their origins' signatures.
         source: PeerId,
         /// The gossipsub id of the message.
         message_id: MessageId,

@@ -13,8 +13,9 @@
 //!   loop carries it out on the swarm and answers, at once or when the swarm reports the
 //!   outcome.
 //! - network -> node: swarm events become [`NetEvent`]s on a bounded channel
-//!   (`NetConfig::event_buffer`). Gossip that does not decode, or arrives on an unknown
-//!   topic, is rejected here and never reaches the node.
+//!   (`NetConfig::event_buffer`). Gossip that does not decode as a compact batch
+//!   within `NetConfig::max_gossip_bytes` of events, or arrives on an unknown topic, is
+//!   rejected here and never reaches the node.
 //! - inbound pulls: the loop emits `PullRequested` with a oneshot, keeps the libp2p
 //!   response channel, and sends the node's answer when the oneshot resolves; a dropped
 //!   oneshot (or one unanswered past the request timeout) drops the channel, which closes
@@ -46,11 +47,15 @@
 //! `NetConfig::max_established` (total and per peer) and `max_pending`; each refusal is
 //! logged with the limit that was hit (inbound at `warn`, our own dials at `info`).
 //!
+//! Traffic: the loop counts gossip messages and pulls, both ways, into the counters the
+//! transport counts bytes into (see `traffic`).
+//!
 //! Shutdown: when every `NetClient` is dropped the command channel closes, the loop
 //! returns, and the swarm with all its connections is dropped.
 
 use rand::Rng;
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -66,14 +71,16 @@ use tokio::sync::mpsc::{self, OwnedPermit};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::{debug, info, trace, warn};
-use weft_crdt::{decode_event_batch, SpaceName};
+use weft_crdt::compact::decode_batch;
+use weft_crdt::SpaceName;
 
 use crate::behaviour::{space_topic, WeftBehaviour, WeftBehaviourEvent, KAD_PROTOCOL};
-use crate::client::Command;
+use crate::client::{Command, GossipMessage};
 use crate::config::NetConfig;
 use crate::error::NetError;
 use crate::event::NetEvent;
 use crate::redial::BootstrapPeers;
+use crate::traffic::{add, Counters};
 use crate::wire::{PullRequest, PullResponse};
 
 /// How often the loop re-runs discovery: 30 s. A Kademlia bootstrap over a LAN mesh is a
@@ -116,6 +123,10 @@ pub(crate) struct EventLoop {
     /// Peers mDNS has shown us on the LAN, redialed until connected (see
     /// [`LanPeer`]).
     lan_peers: HashMap<PeerId, LanPeer>,
+    /// The most a gossip message may decode to, in canonical event bytes.
+    max_gossip_bytes: usize,
+    /// Traffic counters, shared with the transport and every `NetClient`.
+    counters: Arc<Counters>,
 }
 
 /// A peer found by mDNS and when to dial it next.
@@ -152,6 +163,7 @@ impl EventLoop {
         events: mpsc::Sender<NetEvent>,
         bootstrap: BootstrapPeers,
         config: &NetConfig,
+        counters: Arc<Counters>,
     ) -> Self {
         let topics = config
             .spaces
@@ -175,6 +187,8 @@ impl EventLoop {
             target_peers: config.target_peers,
             next_discovery: Instant::now() + DISCOVERY_INTERVAL,
             lan_peers: HashMap::new(),
+            max_gossip_bytes: config.max_gossip_bytes,
+            counters,
         }
     }
 
@@ -285,12 +299,12 @@ impl EventLoop {
         }
     }
 
-    fn publish(&mut self, space: SpaceName, messages: Vec<Vec<u8>>) -> Result<(), NetError> {
+    fn publish(&mut self, space: SpaceName, messages: Vec<GossipMessage>) -> Result<(), NetError> {
         let topic = space_topic(&space).hash();
         if !self.topics.contains_key(&topic) {
             return Err(NetError::UnknownSpace(space));
         }
-        for data in messages {
+        for GossipMessage { data, events } in messages {
             let len = data.len();
             match self
                 .swarm
@@ -298,7 +312,11 @@ impl EventLoop {
                 .gossipsub
                 .publish(topic.clone(), data)
             {
-                Ok(id) => trace!(%space, message_id = %id, len, "gossip published"),
+                Ok(id) => {
+                    add(&self.counters.gossip_messages_sent, 1);
+                    add(&self.counters.gossip_events_sent, events);
+                    trace!(%space, message_id = %id, len, events, "gossip published")
+                }
                 // Pull sync delivers what gossip does not; none of these is the caller's problem.
                 Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {
                     debug!(%space, "gossip not sent: no peer subscribed yet")
@@ -316,6 +334,7 @@ impl EventLoop {
     }
 
     fn pull(&mut self, peer: PeerId, request: PullRequest, reply: PullReply) {
+        add(&self.counters.pulls_sent, 1);
         let id = self.swarm.behaviour_mut().sync.send_request(&peer, request);
         self.pending_pulls.insert(id, (peer, reply));
     }
@@ -339,6 +358,10 @@ impl EventLoop {
     ) {
         match answer {
             Some(response) => {
+                add(&self.counters.pulls_served, 1);
+                if let PullResponse::Events { events, .. } = &response {
+                    add(&self.counters.events_served, events.len());
+                }
                 if self
                     .swarm
                     .behaviour_mut()
@@ -471,7 +494,7 @@ impl EventLoop {
                     self.report(&message_id, &propagation_source, MessageAcceptance::Reject);
                     return;
                 };
-                let events = match decode_event_batch(&message.data) {
+                let events = match decode_batch(&message.data, self.max_gossip_bytes) {
                     Ok(events) if events.is_empty() => {
                         warn!(peer = %propagation_source, %space, "empty gossip batch rejected");
                         self.report(&message_id, &propagation_source, MessageAcceptance::Reject);
@@ -484,6 +507,8 @@ impl EventLoop {
                         return;
                     }
                 };
+                add(&self.counters.gossip_messages_received, 1);
+                add(&self.counters.gossip_events_received, events.len());
                 if self.events_closed {
                     self.report(&message_id, &propagation_source, MessageAcceptance::Ignore);
                     return;
@@ -549,6 +574,10 @@ impl EventLoop {
                     request_id,
                     response,
                 } => {
+                    if let PullResponse::Events { events, .. } = &response {
+                        add(&self.counters.pages_received, 1);
+                        add(&self.counters.events_pulled, events.len());
+                    }
                     if let Some((_, reply)) = self.pending_pulls.remove(&request_id) {
                         let _ = reply.send(Ok(response));
                     }

@@ -10,10 +10,17 @@
 //! until it has [`NetConfig::target_peers`] peers. Bootstrap addresses are redialed with
 //! backoff whenever their connection is lost; mDNS adds LAN peers without any address.
 //!
-//! Gossip carries batches of events on the topic `weft/<space>/events/1`; messages that
-//! do not decode are rejected here, the rest are handed to the node, which checks
-//! signatures and reports a [`Verdict`]. Pull sync ([`PullRequest`] / [`PullResponse`],
-//! see [`wire`]) lets a node fetch whatever gossip missed.
+//! Gossip carries batches of events on the topic `weft/<space>/events/1`, each message
+//! one compact batch ([`weft_crdt::compact`]); messages that do not decode are rejected
+//! here, the rest are handed to the node, which checks signatures and reports a
+//! [`Verdict`]. Messages are anonymous at the gossipsub level (no gossipsub signature,
+//! author or sequence number): every event is signed by its origin, or vouched for by a
+//! later signed event of its origin, and message ids are derived from the content. Pull
+//! sync ([`PullRequest`] / [`PullResponse`], see [`wire`]) lets a node fetch whatever
+//! gossip missed.
+//!
+//! [`NetClient::traffic`] reports the bytes this node has moved on the wire, per
+//! protocol, and its message counts (see [`Traffic`]).
 //!
 //! Architecture invariant: this crate knows no storage. It moves decoded, size-checked
 //! messages between the network and the node; what to send and what to keep is the
@@ -29,11 +36,12 @@ mod error;
 mod event;
 mod event_loop;
 mod redial;
+mod traffic;
 pub mod wire;
 
 pub use behaviour::{
     space_topic, HEARTBEAT, IDENTIFY_PROTOCOL, KAD_PROTOCOL, MESH_N, MESH_N_HIGH, MESH_N_LOW,
-    MESH_OUTBOUND_MIN,
+    MESH_OUTBOUND_MIN, MESSAGE_ID_BYTES,
 };
 pub use client::{NetClient, Verdict};
 pub use config::{
@@ -46,11 +54,18 @@ pub use error::NetError;
 pub use event::NetEvent;
 pub use event_loop::DISCOVERY_INTERVAL;
 pub use libp2p::{gossipsub::MessageId, Multiaddr, PeerId};
+pub use traffic::{StreamTraffic, Traffic};
 pub use wire::{PullRequest, PullResponse};
 
+use std::sync::Arc;
+
+use libp2p::core::upgrade::Version;
+use libp2p::core::Transport;
 use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::{noise, tcp, yamux, SwarmBuilder};
 use tokio::sync::mpsc;
+
+use crate::traffic::{CountedStream, Counters, CountingMuxer};
 
 /// Starts the network: builds the swarm, binds the listen addresses, dials the bootstrap
 /// addresses and spawns the event loop on the current tokio runtime. A bootstrap address
@@ -69,14 +84,23 @@ pub fn start(config: NetConfig) -> Result<(NetClient, mpsc::Receiver<NetEvent>),
     let keypair = libp2p::identity::Keypair::ed25519_from_bytes(config.signing_key.to_bytes())
         .map_err(|e| NetError::Identity(e.to_string()))?;
     let behaviour = behaviour::build(&keypair, &config)?;
+    // TCP + noise + yamux as `SwarmBuilder::with_tcp` builds them (TCP_NODELAY, lazy
+    // multistream-select), with the traffic counters in the stack: each TCP stream is
+    // counted below noise, each yamux substream above the muxer (see `traffic`).
+    let counters = Arc::new(Counters::default());
+    let noise = noise::Config::new(&keypair)
+        .map_err(|e| NetError::Setup(format!("noise handshake configuration: {e}")))?;
+    let (wire, streams) = (counters.clone(), counters.clone());
+    let transport = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+        .map(move |stream, _| CountedStream::new(stream, wire.clone()))
+        .upgrade(Version::V1Lazy)
+        .authenticate(noise)
+        .multiplex(yamux::Config::default())
+        .map(move |(peer, muxer), _| (peer, CountingMuxer::new(muxer, streams.clone())));
     let Ok(builder) = SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .map_err(|e| NetError::Setup(format!("TCP transport: {e}")))?
+        .with_other_transport(|_| transport);
+    let Ok(builder) = builder
         .with_dns()
         .map_err(|e| NetError::Setup(format!("DNS resolver: {e}")))?
         .with_behaviour(|_| behaviour);
@@ -107,10 +131,22 @@ pub fn start(config: NetConfig) -> Result<(NetClient, mpsc::Receiver<NetEvent>),
     let local_peer_id = *swarm.local_peer_id();
     let (command_tx, command_rx) = mpsc::channel(config.command_buffer);
     let (event_tx, event_rx) = mpsc::channel(config.event_buffer);
-    let event_loop = event_loop::EventLoop::new(swarm, command_rx, event_tx, bootstrap, &config);
+    let event_loop = event_loop::EventLoop::new(
+        swarm,
+        command_rx,
+        event_tx,
+        bootstrap,
+        &config,
+        counters.clone(),
+    );
     tokio::spawn(event_loop.run());
     Ok((
-        NetClient::new(command_tx, local_peer_id, config.max_batch_bytes()),
+        NetClient::new(
+            command_tx,
+            local_peer_id,
+            config.max_batch_bytes(),
+            counters,
+        ),
         event_rx,
     ))
 }

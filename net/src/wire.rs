@@ -5,25 +5,33 @@
 //! both versions, so mixed-version meshes fail loudly instead of misreading each other.
 //!
 //! ```text
-//! PullRequest                [1, space, have, max_events, max_bytes, [policy, version]]
-//! PullResponse::Events       [1, 0, [event, ...], done, have]
-//! PullResponse::Refused      [1, 1, reason]
-//! PullResponse::Incompatible [1, 2, [policy, version]]
+//! PullRequest                [2, space, have, max_events, max_bytes, [policy, version]]
+//! PullResponse::Events       [2, 0, batch, done, have]
+//! PullResponse::Refused      [2, 1, reason]
+//! PullResponse::Incompatible [2, 2, [policy, version]]
 //! ```
 //!
-//! Decoding checks the size limit before parsing and validates the structure of every
-//! event in a response ([`weft_crdt::Event::validate`]); signatures are the node's job.
+//! `batch` is a byte string holding the page's events as one compact batch
+//! ([`weft_crdt::compact`]: node ids once per page, each event coded against the previous
+//! event of its origin). Version 1 sent them as an array of canonical events; nothing
+//! else changed.
+//!
+//! Decoding checks the size limit before parsing; a page's events are bounded, in their
+//! canonical encoding, by the same limit as the response, and each is structurally
+//! validated ([`weft_crdt::Event::validate`]); signatures are the node's job.
 
 use std::fmt;
 
 use serde::de::{self, IgnoredAny, SeqAccess, Visitor};
 use serde::ser::SerializeTuple;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_bytes::{ByteBuf, Bytes};
 use thiserror::Error;
+use weft_crdt::compact::{self, BatchEncoder, BatchError};
 use weft_crdt::{Event, PolicyIdentity, SpaceName, VersionVector};
 
 /// The wire version of every `/weft/sync/1` message this build reads and writes.
-pub const SYNC_VERSION: u64 = 1;
+pub const SYNC_VERSION: u64 = 2;
 
 const TAG_EVENTS: u8 = 0;
 const TAG_REFUSED: u8 = 1;
@@ -105,9 +113,36 @@ pub fn encode_request(request: &PullRequest, limit: usize) -> Result<Vec<u8>, Wi
     encode(request, REQUEST, limit)
 }
 
-/// Encodes a response, refusing one larger than `limit` bytes.
+/// Encodes a response, refusing one larger than `limit` bytes or whose events, in their
+/// canonical encoding, are (the receiver bounds a page's decoded events by its limit).
 pub fn encode_response(response: &PullResponse, limit: usize) -> Result<Vec<u8>, WireError> {
-    encode(response, RESPONSE, limit)
+    let wire = match response {
+        PullResponse::Events { events, done, have } => {
+            let mut batch = BatchEncoder::new();
+            for e in events {
+                batch.push(e);
+            }
+            if batch.event_bytes() > limit {
+                return Err(WireError::TooLarge {
+                    what: RESPONSE,
+                    size: batch.event_bytes(),
+                    limit,
+                });
+            }
+            WireResponse::Events {
+                batch: ByteBuf::from(batch.finish()),
+                done: *done,
+                have: have.clone(),
+            }
+        }
+        PullResponse::Refused { reason } => WireResponse::Refused {
+            reason: reason.clone(),
+        },
+        PullResponse::Incompatible { policy } => WireResponse::Incompatible {
+            policy: policy.clone(),
+        },
+    };
+    encode(&wire, RESPONSE, limit)
 }
 
 /// Decodes a request of at most `limit` bytes.
@@ -115,17 +150,24 @@ pub fn decode_request(bytes: &[u8], limit: usize) -> Result<PullRequest, WireErr
     decode(bytes, REQUEST, limit)
 }
 
-/// Decodes a response of at most `limit` bytes and validates the structure of each event.
+/// Decodes a response of at most `limit` bytes, whose events take at most `limit` bytes
+/// in their canonical encoding, and validates the structure of each event.
 pub fn decode_response(bytes: &[u8], limit: usize) -> Result<PullResponse, WireError> {
-    let response: PullResponse = decode(bytes, RESPONSE, limit)?;
-    if let PullResponse::Events { events, .. } = &response {
-        for event in events {
-            event
-                .validate()
-                .map_err(|e| WireError::InvalidEvent(format!("{}: {e}", event.id())))?;
-        }
-    }
-    Ok(response)
+    Ok(match decode(bytes, RESPONSE, limit)? {
+        WireResponse::Events { batch, done, have } => PullResponse::Events {
+            events: compact::decode_batch(&batch, limit).map_err(|e| match e {
+                BatchError::Event { .. } => WireError::InvalidEvent(e.to_string()),
+                other => WireError::Decode {
+                    what: RESPONSE,
+                    reason: other.to_string(),
+                },
+            })?,
+            done,
+            have,
+        },
+        WireResponse::Refused { reason } => PullResponse::Refused { reason },
+        WireResponse::Incompatible { policy } => PullResponse::Incompatible { policy },
+    })
 }
 
 fn encode<T: Serialize>(value: &T, what: &'static str, limit: usize) -> Result<Vec<u8>, WireError> {
@@ -243,26 +285,42 @@ impl<'de> Deserialize<'de> for PullRequest {
     }
 }
 
-impl Serialize for PullResponse {
+/// A [`PullResponse`] as it is on the wire: the events of a page still encoded as a
+/// compact batch, which [`decode_response`] decodes with the response's limit.
+enum WireResponse {
+    Events {
+        batch: ByteBuf,
+        done: bool,
+        have: VersionVector,
+    },
+    Refused {
+        reason: String,
+    },
+    Incompatible {
+        policy: PolicyIdentity,
+    },
+}
+
+impl Serialize for WireResponse {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         match self {
-            PullResponse::Events { events, done, have } => {
+            WireResponse::Events { batch, done, have } => {
                 let mut t = s.serialize_tuple(5)?;
                 t.serialize_element(&SYNC_VERSION)?;
                 t.serialize_element(&TAG_EVENTS)?;
-                t.serialize_element(events)?;
+                t.serialize_element(Bytes::new(batch))?;
                 t.serialize_element(done)?;
                 t.serialize_element(have)?;
                 t.end()
             }
-            PullResponse::Refused { reason } => {
+            WireResponse::Refused { reason } => {
                 let mut t = s.serialize_tuple(3)?;
                 t.serialize_element(&SYNC_VERSION)?;
                 t.serialize_element(&TAG_REFUSED)?;
                 t.serialize_element(reason)?;
                 t.end()
             }
-            PullResponse::Incompatible { policy } => {
+            WireResponse::Incompatible { policy } => {
                 let mut t = s.serialize_tuple(3)?;
                 t.serialize_element(&SYNC_VERSION)?;
                 t.serialize_element(&TAG_INCOMPATIBLE)?;
@@ -273,29 +331,29 @@ impl Serialize for PullResponse {
     }
 }
 
-impl<'de> Deserialize<'de> for PullResponse {
+impl<'de> Deserialize<'de> for WireResponse {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
         impl<'de> Visitor<'de> for V {
-            type Value = PullResponse;
+            type Value = WireResponse;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a pull response array [version, kind, ...]")
             }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<PullResponse, A::Error> {
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<WireResponse, A::Error> {
                 check_version(&mut seq)?;
                 let tag: u8 = field(&mut seq, "kind")?;
                 let response = match tag {
-                    TAG_EVENTS => PullResponse::Events {
-                        events: field(&mut seq, "events")?,
+                    TAG_EVENTS => WireResponse::Events {
+                        batch: field(&mut seq, "events")?,
                         done: field(&mut seq, "done")?,
                         have: field(&mut seq, "have")?,
                     },
-                    TAG_REFUSED => PullResponse::Refused {
+                    TAG_REFUSED => WireResponse::Refused {
                         reason: field(&mut seq, "reason")?,
                     },
                     TAG_INCOMPATIBLE => {
                         let (name, version): (String, u32) = field(&mut seq, "policy")?;
-                        PullResponse::Incompatible {
+                        WireResponse::Incompatible {
                             policy: PolicyIdentity { name, version },
                         }
                     }
@@ -403,20 +461,85 @@ pub(crate) mod tests {
 
     #[test]
     fn unknown_version_is_rejected_with_a_clear_error() {
+        // A version 1 request (the previous wire version) names both versions.
         let r = request();
         let mut bytes = Vec::new();
         ciborium::into_writer(
-            &(2u64, &r.space, &r.have, r.max_events, r.max_bytes),
+            &(
+                1u64,
+                &r.space,
+                &r.have,
+                r.max_events,
+                r.max_bytes,
+                (&r.policy.name, r.policy.version),
+            ),
             &mut bytes,
         )
         .unwrap();
         let err = decode_request(&bytes, LIMIT).unwrap_err().to_string();
-        assert!(err.contains("version 2"), "{err}");
+        assert!(
+            err.contains("version 1") && err.contains("speaks version 2"),
+            "{err}"
+        );
 
         let mut bytes = Vec::new();
         ciborium::into_writer(&(9u64, 1u8, "nope"), &mut bytes).unwrap();
         let err = decode_response(&bytes, LIMIT).unwrap_err().to_string();
-        assert!(err.contains("version"), "{err}");
+        assert!(err.contains("version 9"), "{err}");
+
+        // A version 1 page (canonical events in an array) is refused the same way.
+        let events = sample_events(2, 8);
+        let mut bytes = Vec::new();
+        ciborium::into_writer(
+            &(1u64, TAG_EVENTS, &events, true, VersionVector::new()),
+            &mut bytes,
+        )
+        .unwrap();
+        let err = decode_response(&bytes, LIMIT).unwrap_err().to_string();
+        assert!(err.contains("version 1"), "{err}");
+    }
+
+    #[test]
+    fn a_page_is_smaller_than_its_events_in_canonical_form() {
+        let events = sample_events(100, 20);
+        let canonical: usize = events.iter().map(|e| e.encode().len()).sum();
+        let bytes = encode_response(
+            &PullResponse::Events {
+                events,
+                done: true,
+                have: VersionVector::new(),
+            },
+            LIMIT,
+        )
+        .unwrap();
+        assert!(
+            bytes.len() * 3 < canonical * 2,
+            "{} vs {canonical}",
+            bytes.len()
+        );
+    }
+
+    #[test]
+    fn a_page_whose_events_exceed_the_limit_is_refused_both_ways() {
+        let events = sample_events(40, 100);
+        let canonical: usize = events.iter().map(|e| e.encode().len()).sum();
+        let r = PullResponse::Events {
+            events,
+            done: true,
+            have: VersionVector::new(),
+        };
+        let limit = canonical - 1;
+        let err = encode_response(&r, limit).unwrap_err();
+        assert!(matches!(err, WireError::TooLarge { .. }), "{err}");
+        // The compact page itself fits easily; its events decode past the limit.
+        let bytes = encode_response(&r, LIMIT).unwrap();
+        assert!(bytes.len() < limit);
+        let err = decode_response(&bytes, limit).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("more than {limit} bytes of events")),
+            "{err}"
+        );
+        assert_eq!(decode_response(&bytes, canonical).unwrap(), r);
     }
 
     #[test]
@@ -427,7 +550,7 @@ pub(crate) mod tests {
         let mut bytes = Vec::new();
         ciborium::into_writer(
             &(
-                1u64,
+                SYNC_VERSION,
                 &r.space,
                 &r.have,
                 r.max_events,
@@ -444,6 +567,7 @@ pub(crate) mod tests {
 
     #[test]
     fn oversize_messages_are_rejected_both_ways() {
+        // Payloads are sent as they are: the compact form saves nothing on them.
         let r = PullResponse::Events {
             events: sample_events(4, 4000),
             done: true,

@@ -177,7 +177,7 @@ async fn garbage_gossip_is_rejected_and_never_reaches_the_node() {
     a.client
         .publish_raw(
             SpaceName::default_space(),
-            weft_crdt::encode_event_batch(&[]),
+            weft_crdt::compact::encode_batch(&[]),
         )
         .await
         .unwrap();
@@ -307,4 +307,73 @@ async fn invalid_config_is_refused() {
     c.max_established = 4;
     c.target_peers = 5;
     assert!(matches!(weft_net::start(c), Err(NetError::Config(_))));
+}
+
+#[tokio::test]
+async fn traffic_counts_bytes_on_the_wire_and_per_protocol() {
+    let (mut a, mut b) = pair(|_| {}).await;
+    let events = signed_events(3, 3);
+    gossip_until_received(&a.client, &mut b.events, &events).await;
+
+    let pa = a_peer(&b).await;
+    let page = signed_events(4, 2);
+    let responder = tokio::spawn(async move {
+        if let NetEvent::PullRequested { reply, .. } = next(&mut a.events, |e| {
+            matches!(e, NetEvent::PullRequested { .. })
+        })
+        .await
+        {
+            let _ = reply.send(PullResponse::Events {
+                events: page,
+                done: true,
+                have: VersionVector::new(),
+            });
+        }
+        a
+    });
+    timeout(WAIT, b.client.pull(pa, pull_request()))
+        .await
+        .expect("pull hung")
+        .unwrap();
+    let a = responder.await.unwrap();
+
+    let (ta, tb) = (a.client.traffic(), b.client.traffic());
+    assert!(
+        ta.gossip_messages_sent >= 1 && ta.gossip_events_sent >= 3,
+        "{ta:?}"
+    );
+    assert!(tb.gossip_messages_received >= 1, "{tb:?}");
+    assert_eq!(
+        tb.gossip_events_received,
+        3 * tb.gossip_messages_received,
+        "{tb:?}"
+    );
+    assert_eq!(
+        (tb.pulls_sent, tb.pages_received, tb.events_pulled),
+        (1, 1, 2)
+    );
+    assert_eq!((ta.pulls_served, ta.events_served), (1, 2));
+    assert!(ta.connections >= 1 && tb.connections >= 1);
+    for t in [ta, tb] {
+        assert!(t.gossip.streams >= 1 && t.sync.streams >= 1, "{t:?}");
+        assert!(
+            t.bytes_out >= t.gossip.bytes_out + t.sync.bytes_out + t.other.bytes_out,
+            "the wire carries every substream's bytes and their framing: {t:?}"
+        );
+    }
+    assert!(ta.gossip.bytes_out > 0 && tb.gossip.bytes_in > 0);
+    assert!(tb.sync.bytes_out > 0 && ta.sync.bytes_in > 0 && ta.sync.bytes_out > 0);
+
+    // Every byte one side writes the other reads, once the connection is quiet.
+    timeout(WAIT, async {
+        loop {
+            let (ta, tb) = (a.client.traffic(), b.client.traffic());
+            if ta.bytes_out == tb.bytes_in && tb.bytes_out == ta.bytes_in {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the two ends never agreed on the bytes between them");
 }
