@@ -2,19 +2,27 @@
 //!
 //! Every handler validates its whole input before it touches the store, so a bad
 //! request gets a 4xx with `{"error": "..."}` and leaves nothing behind.
+//!
+//! `POST /sync` runs [`Node::sync_now`] and answers 200 with the JSON
+//! [`crate::SyncReport`]. With `?progress=1` it streams NDJSON instead
+//! (`application/x-ndjson`): a `{"progress": {..}}` line at least once a second while
+//! the sync runs, then one last line, `{"report": {..}}` or `{"error": "..."}`.
 
 use std::collections::BTreeMap;
+use std::convert::Infallible;
 
+use axum::body::Body;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
 use weft_crdt::{Op, SpaceName};
 use weft_store::{Applied, EventQuery, Start};
 
@@ -40,6 +48,7 @@ impl From<NodeError> for ApiError {
         let status = match &e {
             NodeError::Invalid(_) => StatusCode::BAD_REQUEST,
             NodeError::UnknownSpace(_) => StatusCode::NOT_FOUND,
+            NodeError::ReadOnlySpace(_) => StatusCode::FORBIDDEN,
             NodeError::Closed => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -77,6 +86,7 @@ pub fn router(node: Node) -> Router {
         .route("/spaces/{space}/keys/{*key}", get(get_key))
         .route("/spaces/{space}/history/{*key}", get(key_history))
         .route("/status", get(status))
+        .route("/sync", post(sync))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
         .with_state(node)
 }
@@ -376,4 +386,61 @@ async fn status(State(node): State<Node>) -> Result<Json<Value>, ApiError> {
     serde_json::to_value(st)
         .map(Json)
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
+/// Progress lines that may wait for a slow streaming client; past that, progress
+/// lines are dropped (the next one supersedes them), never the final line.
+const PROGRESS_LINES_BUFFERED: usize = 16;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SyncQuery {
+    /// `1`/`true`: stream NDJSON progress lines before the report.
+    #[serde(default)]
+    progress: Option<String>,
+}
+
+fn ndjson_line(v: &Value) -> String {
+    let mut line = v.to_string();
+    line.push('\n');
+    line
+}
+
+async fn sync(
+    State(node): State<Node>,
+    query: Result<Query<SyncQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = query?;
+    let stream = match q.progress.as_deref() {
+        None | Some("0") | Some("false") => false,
+        Some("1") | Some("true") => true,
+        Some(other) => return Err(bad(format!("progress must be 1 or 0, not {other:?}"))),
+    };
+    if !stream {
+        let report = node.sync_now().await?;
+        return serde_json::to_value(report)
+            .map(|v| Json(v).into_response())
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()));
+    }
+    let (lines, rx) = mpsc::channel::<Result<String, Infallible>>(PROGRESS_LINES_BUFFERED);
+    let progress_lines = lines.clone();
+    // The sync runs to its end even if the client goes away: its pulls are useful, and
+    // it is bounded by the node's sync timeout.
+    tokio::spawn(async move {
+        let result = node
+            .sync_now_with_progress(move |p| {
+                let _ = progress_lines.try_send(Ok(ndjson_line(&json!({ "progress": p }))));
+            })
+            .await;
+        let last = match result {
+            Ok(report) => json!({ "report": report }),
+            Err(e) => json!({ "error": e.to_string() }),
+        };
+        let _ = lines.send(Ok(ndjson_line(&last))).await;
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(ReceiverStream::new(rx)),
+    )
+        .into_response())
 }

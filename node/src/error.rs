@@ -12,6 +12,12 @@ pub enum NodeError {
     /// The space is not hosted by this node.
     #[error("space {0:?} is not hosted by this node (start it with --space {0})")]
     UnknownSpace(SpaceName),
+    /// The space is hosted pull-only (a read replica), which takes no local writes.
+    #[error(
+        "space {0} is pull-only on this node (a read replica): it takes no local writes; \
+         write on a node that hosts it as full or push-only"
+    )]
+    ReadOnlySpace(SpaceName),
     /// Another process holds the data directory.
     #[error("data directory {0} is in use by another weft process")]
     DataDirInUse(PathBuf),

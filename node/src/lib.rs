@@ -21,17 +21,21 @@
 mod api;
 mod error;
 mod identity;
+mod mode;
 mod node;
 mod payload;
 mod sync;
+mod sync_now;
 
 pub use api::serve as serve_api;
 pub use error::NodeError;
+pub use mode::{SpaceMode, UnknownSpaceMode};
 pub use node::{
     Conflict, Node, NodeBuilder, NodeStatus, PeerSyncStatus, Record, SpaceStatus, WriteRequest,
     Written,
 };
 pub use payload::Payload;
+pub use sync_now::{ExchangeReport, SyncProgress, SyncReport};
 pub use weft_crdt::{
     EventId, Merge, NodeId, Op, Policy, PolicyIdentity, PolicyKind, Resolver, SpaceName,
 };

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
-use weft_node::{Durability, Multiaddr, NodeBuilder, PolicyKind, SpaceName};
+use weft_node::{Durability, Multiaddr, NodeBuilder, PolicyKind, SpaceMode, SpaceName};
 
 #[derive(Parser)]
 #[command(name = "weft", version, about = "A peer-to-peer replication node")]
@@ -36,9 +36,11 @@ enum Command {
         /// Data directory (log, identity key).
         #[arg(long, default_value = "./weft-data")]
         data: PathBuf,
-        /// A space to host (repeatable).
-        #[arg(long = "space", value_parser = parse_space)]
-        spaces: Vec<SpaceName>,
+        /// A space to host (repeatable), as NAME or NAME:MODE. MODE is full (default),
+        /// pull-only (a read replica: refuses local writes) or push-only (sends its
+        /// writes, takes nothing in).
+        #[arg(long = "space", value_name = "NAME[:MODE]", value_parser = parse_space_spec)]
+        spaces: Vec<SpaceSpec>,
         /// A multiaddr to listen on (repeatable).
         #[arg(long = "listen", default_value = "/ip4/0.0.0.0/tcp/0")]
         listen: Vec<Multiaddr>,
@@ -48,6 +50,9 @@ enum Command {
         /// Turns off LAN discovery by mDNS.
         #[arg(long)]
         no_mdns: bool,
+        /// Pull only when asked (`weft sync`), never on connection, gap or timer.
+        #[arg(long)]
+        no_auto_pull: bool,
         /// Address of the HTTP API.
         #[arg(long, default_value = "127.0.0.1:7700")]
         api: SocketAddr,
@@ -131,6 +136,17 @@ enum Command {
         #[arg(long, default_value = "./weft-data")]
         data: PathBuf,
     },
+    /// Pulls every space from every connected peer now and reports what moved; draws a
+    /// progress bar on stderr when it is a terminal. Exit 1 when an exchange failed or
+    /// no peer is connected.
+    Sync {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// The running node's HTTP API (`host:port` or `http://host:port`).
+        #[arg(long, env = "WEFT_API", default_value = "127.0.0.1:7700")]
+        api: String,
+    },
     /// Node id, peers, version vector and counts.
     Status {
         /// Print the /status JSON.
@@ -151,6 +167,43 @@ fn parse_durability(s: &str) -> Result<Durability, String> {
 
 fn parse_space(s: &str) -> Result<SpaceName, String> {
     SpaceName::new(s).map_err(|e| e.to_string())
+}
+
+/// A `--space NAME[:MODE]` argument.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SpaceSpec {
+    name: SpaceName,
+    mode: SpaceMode,
+}
+
+fn parse_space_spec(s: &str) -> Result<SpaceSpec, String> {
+    // Space names have no `:`, so the first one separates the mode.
+    let (name, mode) = match s.split_once(':') {
+        Some((name, mode)) => (name, mode.parse().map_err(|e| format!("{e}"))?),
+        None => (s, SpaceMode::Full),
+    };
+    Ok(SpaceSpec {
+        name: parse_space(name)?,
+        mode,
+    })
+}
+
+/// The mode of each named space; naming a space twice with different modes is refused.
+fn space_modes(specs: Vec<SpaceSpec>) -> Result<Vec<SpaceSpec>> {
+    let mut out: Vec<SpaceSpec> = Vec::new();
+    for spec in specs {
+        match out.iter().find(|s| s.name == spec.name) {
+            Some(s) if s.mode != spec.mode => bail!(
+                "space {} is given twice, as {} and as {}",
+                spec.name,
+                s.mode,
+                spec.mode
+            ),
+            Some(_) => {}
+            None => out.push(spec),
+        }
+    }
+    Ok(out)
 }
 
 /// Exit code for "the key has no value", distinct from errors (2).
@@ -212,16 +265,18 @@ async fn dispatch(cmd: Command) -> Result<ExitCode> {
             listen,
             bootstrap,
             no_mdns,
+            no_auto_pull,
             api,
             resolver,
             durability,
         } => {
             let opts = RunOptions {
                 data,
-                spaces,
+                spaces: space_modes(spaces)?,
                 listen,
                 bootstrap,
                 mdns: !no_mdns,
+                auto_pull: !no_auto_pull,
                 api,
                 resolver,
                 durability,
@@ -300,15 +355,17 @@ async fn dispatch(cmd: Command) -> Result<ExitCode> {
             log(&client, params, key, limit, follow).await
         }
         Command::Status { json, client } => status(&client, json).await,
+        Command::Sync { json, api } => sync(&api, json).await,
     }
 }
 
 struct RunOptions {
     data: PathBuf,
-    spaces: Vec<SpaceName>,
+    spaces: Vec<SpaceSpec>,
     listen: Vec<Multiaddr>,
     bootstrap: Vec<Multiaddr>,
     mdns: bool,
+    auto_pull: bool,
     api: SocketAddr,
     resolver: PolicyKind,
     durability: Durability,
@@ -381,6 +438,7 @@ async fn run(opts: RunOptions) -> Result<ExitCode> {
         listen,
         bootstrap,
         mdns,
+        auto_pull,
         api,
         resolver,
         durability,
@@ -400,11 +458,12 @@ async fn run(opts: RunOptions) -> Result<ExitCode> {
         .init();
     let mut b = NodeBuilder::new(&data)
         .mdns(mdns)
+        .auto_pull(auto_pull)
         .resolver(resolver)
         .durability(durability)
         .api(api);
     for s in spaces {
-        b = b.space(s);
+        b = b.space_mode(s.name, s.mode);
     }
     for l in listen {
         b = b.listen(l);
@@ -483,21 +542,24 @@ fn encode_key(key: &str) -> String {
 /// and error bodies into one clear line.
 async fn call(client: &Client, req: reqwest::RequestBuilder) -> Result<(u16, Value)> {
     let base = base_url(&client.api);
-    let resp = req.send().await.map_err(|e| {
-        if e.is_connect() {
-            anyhow!("cannot reach a weft node at {base} (is `weft run` running? set --api)")
-        } else if e.is_timeout() {
-            anyhow!("the weft node at {base} did not answer in time")
-        } else {
-            anyhow!("request to {base} failed: {e}")
-        }
-    })?;
+    let resp = req.send().await.map_err(|e| transport_error(&base, e))?;
     let status = resp.status().as_u16();
     let body: Value = resp
         .json()
         .await
         .map_err(|e| anyhow!("the node at {base} sent an unreadable answer: {e}"))?;
     Ok((status, body))
+}
+
+/// One clear line for a request that got no answer.
+fn transport_error(base: &str, e: reqwest::Error) -> anyhow::Error {
+    if e.is_connect() {
+        anyhow!("cannot reach a weft node at {base} (is `weft run` running? set --api)")
+    } else if e.is_timeout() {
+        anyhow!("the weft node at {base} did not answer in time")
+    } else {
+        anyhow!("request to {base} failed: {e}")
+    }
 }
 
 fn error_of(body: &Value) -> String {
@@ -687,7 +749,8 @@ async fn status(client: &Client, as_json: bool) -> Result<ExitCode> {
             let n = |k: &str| s.get(k).and_then(Value::as_u64).unwrap_or(0);
             let text = |k: &str| s.get(k).and_then(Value::as_str).unwrap_or("?").to_owned();
             println!(
-                "space {space} (resolver {}): {} events, {} pending, {} conflicts",
+                "space {space} (mode {}, resolver {}): {} events, {} pending, {} conflicts",
+                text("mode"),
                 text("resolver"),
                 n("events"),
                 n("pending"),
@@ -712,4 +775,345 @@ async fn status(client: &Client, as_json: bool) -> Result<ExitCode> {
         None => println!("space {space}: not hosted by this node"),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// How long `weft sync` waits for the next piece of the node's answer. The node sends
+/// a progress line at least once a second, so this much silence means it is stuck.
+const SYNC_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The longest line `weft sync` accepts from the node (a report naming thousands of
+/// peers and spaces stays far below it).
+const MAX_SYNC_LINE: usize = 16 * 1024 * 1024;
+
+/// Exit code of `weft sync` when an exchange failed or no peer was connected.
+const EXIT_SYNC_INCOMPLETE: u8 = 1;
+
+/// `weft sync`: streams `POST /sync?progress=1`, drawing the progress on stderr when it
+/// is a terminal, then prints the report.
+async fn sync(api: &str, as_json: bool) -> Result<ExitCode> {
+    use std::io::IsTerminal as _;
+    let base = base_url(api);
+    let http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .read_timeout(SYNC_READ_TIMEOUT)
+        .build()
+        .context("building the HTTP client")?;
+    let mut resp = http
+        .post(format!("{base}/sync?progress=1"))
+        .send()
+        .await
+        .map_err(|e| transport_error(&base, e))?;
+    let status = resp.status();
+    if !status.is_success() {
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        match body.get("error") {
+            Some(_) => bail!("{}", error_of(&body)),
+            None => bail!("the node at {base} answered {status} to POST /sync"),
+        }
+    }
+    let mut bar = ProgressBar::new(std::io::stderr().is_terminal());
+    let mut pending: Vec<u8> = Vec::new();
+    let mut report = None;
+    while report.is_none() {
+        let chunk = match resp.chunk().await {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => break,
+            Err(e) => {
+                bar.clear();
+                return Err(transport_error(&base, e));
+            }
+        };
+        pending.extend_from_slice(&chunk);
+        if pending.len() > MAX_SYNC_LINE {
+            bar.clear();
+            bail!("the node at {base} sent a line longer than {MAX_SYNC_LINE} bytes");
+        }
+        while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            let value: Value = serde_json::from_slice(&line)
+                .map_err(|e| anyhow!("the node at {base} sent an unreadable sync line: {e}"))?;
+            if let Some(p) = value.get("progress") {
+                let n = |k: &str| p.get(k).and_then(Value::as_u64).unwrap_or(0);
+                bar.draw(n("applied"), n("expected"));
+            } else if let Some(r) = value.get("report") {
+                report = Some(r.clone());
+                break;
+            } else {
+                bar.clear();
+                bail!("sync failed: {}", error_of(&value));
+            }
+        }
+    }
+    bar.clear();
+    let Some(report) = report else {
+        bail!("the node at {base} ended the sync without a report");
+    };
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_sync_report(&report)?;
+    }
+    let n = |k: &str| report.get(k).and_then(Value::as_u64).unwrap_or(0);
+    if n("connected_peers") == 0 {
+        eprintln!("error: no connected peer to sync with");
+        return Ok(ExitCode::from(EXIT_SYNC_INCOMPLETE));
+    }
+    if n("errors") > 0 {
+        for (peer, space, e) in sync_errors(&report) {
+            eprintln!("error: peer {peer} space {space}: {e}");
+        }
+        return Ok(ExitCode::from(EXIT_SYNC_INCOMPLETE));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// (peer, space, error) of every failed exchange in a report.
+fn sync_errors(report: &Value) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    for (peer, spaces) in report
+        .get("peers")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+    {
+        for (space, e) in spaces.as_object().into_iter().flatten() {
+            if let Some(err) = e.get("error").and_then(Value::as_str) {
+                out.push((peer.clone(), space.clone(), err.to_owned()));
+            }
+        }
+    }
+    out
+}
+
+fn print_sync_report(report: &Value) -> Result<()> {
+    let n = |v: &Value, k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
+    let mut out = std::io::stdout().lock();
+    let peers = report.get("peers").and_then(Value::as_object);
+    writeln!(
+        out,
+        "synced with {} of {} connected peers in {}: {} events pulled, {} pushed",
+        peers.map_or(0, |p| p.len()),
+        n(report, "connected_peers"),
+        seconds(n(report, "duration_ms")),
+        thousands(n(report, "pulled")),
+        thousands(n(report, "pushed")),
+    )?;
+    if let Some(peers) = peers.filter(|p| !p.is_empty()) {
+        let peer_width = peers.keys().map(String::len).max().unwrap_or(4).max(4);
+        let space_width = peers
+            .values()
+            .filter_map(Value::as_object)
+            .flat_map(|s| s.keys().map(String::len))
+            .max()
+            .unwrap_or(5)
+            .max(5);
+        writeln!(
+            out,
+            "{:<peer_width$}  {:<space_width$}  {:>10}  {:>10}  {:>6}  {:>10}  {:>7}  STATUS",
+            "PEER", "SPACE", "PULLED", "PUSHED", "PAGES", "BYTES", "TIME"
+        )?;
+        for (peer, spaces) in peers {
+            for (space, e) in spaces.as_object().into_iter().flatten() {
+                let state = if e.get("error").is_some_and(|v| !v.is_null()) {
+                    "failed"
+                } else {
+                    "ok"
+                };
+                writeln!(
+                    out,
+                    "{peer:<peer_width$}  {space:<space_width$}  {:>10}  {:>10}  {:>6}  {:>10}  {:>7}  {state}",
+                    thousands(n(e, "pulled")),
+                    thousands(n(e, "pushed")),
+                    thousands(n(e, "pages")),
+                    human_bytes(n(e, "bytes")),
+                    seconds(n(e, "duration_ms")),
+                )?;
+            }
+        }
+    }
+    let push_only: Vec<&str> = report
+        .get("push_only")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    if !push_only.is_empty() {
+        writeln!(out, "not pulled (push-only here): {}", push_only.join(", "))?;
+    }
+    if report.get("timed_out").and_then(Value::as_bool) == Some(true) {
+        writeln!(
+            out,
+            "the sync's time bound ran out; unfinished pulls go on in the background"
+        )?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// A one-line progress bar redrawn in place on stderr (only when it is a terminal).
+struct ProgressBar {
+    on: bool,
+    shown: String,
+}
+
+impl ProgressBar {
+    fn new(on: bool) -> Self {
+        ProgressBar {
+            on,
+            shown: String::new(),
+        }
+    }
+
+    fn draw(&mut self, applied: u64, expected: u64) {
+        if !self.on {
+            return;
+        }
+        let line = progress_line(applied, expected);
+        if line != self.shown {
+            // Pad over a longer previous line.
+            let pad = self.shown.len().saturating_sub(line.len());
+            eprint!("\r{line}{}", " ".repeat(pad));
+            let _ = std::io::stderr().flush();
+            self.shown = line;
+        }
+    }
+
+    fn clear(&mut self) {
+        if self.on && !self.shown.is_empty() {
+            eprint!("\r{}\r", " ".repeat(self.shown.len()));
+            let _ = std::io::stderr().flush();
+            self.shown.clear();
+        }
+    }
+}
+
+/// `[#####.....]  45% 45,000/100,000 events`, or a count alone while the total is
+/// unknown.
+fn progress_line(applied: u64, expected: u64) -> String {
+    const WIDTH: u64 = 30;
+    if expected == 0 {
+        return format!(
+            "[{}] {} events",
+            ".".repeat(WIDTH as usize),
+            thousands(applied)
+        );
+    }
+    let done = applied.min(expected);
+    let filled = (done * WIDTH / expected) as usize;
+    format!(
+        "[{}{}] {:>3}% {}/{} events",
+        "#".repeat(filled),
+        ".".repeat(WIDTH as usize - filled),
+        done * 100 / expected,
+        thousands(applied),
+        thousands(expected)
+    )
+}
+
+/// `1234567` as `1,234,567`.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut value = n as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+fn seconds(ms: u64) -> String {
+    format!("{:.2}s", ms as f64 / 1000.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_space_argument_takes_an_optional_mode() {
+        let spec = parse_space_spec("todo").unwrap();
+        assert_eq!(spec.name.as_str(), "todo");
+        assert_eq!(spec.mode, SpaceMode::Full);
+        assert_eq!(
+            parse_space_spec("todo:pull-only").unwrap().mode,
+            SpaceMode::PullOnly
+        );
+        assert_eq!(
+            parse_space_spec("todo:push-only").unwrap().mode,
+            SpaceMode::PushOnly
+        );
+        assert_eq!(
+            parse_space_spec("todo:bogus").unwrap_err(),
+            "unknown space mode \"bogus\": use full, pull-only or push-only"
+        );
+        assert!(parse_space_spec("bad name:full").is_err());
+        assert!(parse_space_spec(":full").is_err());
+    }
+
+    #[test]
+    fn a_space_named_twice_needs_one_mode() {
+        let specs = |args: &[&str]| -> Vec<SpaceSpec> {
+            args.iter().map(|a| parse_space_spec(a).unwrap()).collect()
+        };
+        assert_eq!(space_modes(specs(&["a", "a:full", "b"])).unwrap().len(), 2);
+        let err = space_modes(specs(&["a", "a:pull-only"])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "space a is given twice, as full and as pull-only"
+        );
+    }
+
+    #[test]
+    fn the_progress_line_shows_share_and_counts() {
+        assert_eq!(
+            progress_line(45_000, 100_000),
+            format!(
+                "[{}{}]  45% 45,000/100,000 events",
+                "#".repeat(13),
+                ".".repeat(17)
+            )
+        );
+        assert_eq!(
+            progress_line(7, 0),
+            format!("[{}] 7 events", ".".repeat(30))
+        );
+        assert!(progress_line(10, 10).starts_with(&format!("[{}] 100%", "#".repeat(30))));
+    }
+
+    #[test]
+    fn numbers_are_grouped_and_sizes_scaled() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1_000), "1,000");
+        assert_eq!(thousands(1_234_567), "1,234,567");
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(3 * 1024 * 1024), "3.0 MiB");
+    }
+
+    #[test]
+    fn failed_exchanges_are_listed_from_a_report() {
+        let report = json!({"peers": {"p1": {"a": {"error": null}, "b": {"error": "refused"}}}});
+        assert_eq!(
+            sync_errors(&report),
+            vec![("p1".to_owned(), "b".to_owned(), "refused".to_owned())]
+        );
+    }
 }

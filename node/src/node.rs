@@ -1,6 +1,6 @@
 //! The embeddable [`Node`]: a store, a network client and the sync loop that joins them.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -21,14 +21,16 @@ use weft_store::{Applied, Durability, EventPage, EventQuery, Store, StoreConfig,
 
 use crate::error::NodeError;
 use crate::identity;
+use crate::mode::SpaceMode;
 use crate::payload::Payload;
 use crate::sync::{self, SyncConfig};
+use crate::sync_now::{self, SyncProgress, SyncReport};
 
 /// Configures and starts a [`Node`].
 #[derive(Debug, Clone)]
 pub struct NodeBuilder {
     data_dir: PathBuf,
-    spaces: BTreeSet<SpaceName>,
+    spaces: BTreeMap<SpaceName, SpaceMode>,
     listen: Vec<Multiaddr>,
     bootstrap: Vec<Multiaddr>,
     mdns: bool,
@@ -46,7 +48,7 @@ impl NodeBuilder {
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         NodeBuilder {
             data_dir: data_dir.into(),
-            spaces: BTreeSet::new(),
+            spaces: BTreeMap::new(),
             listen: Vec::new(),
             bootstrap: Vec::new(),
             mdns: true,
@@ -58,9 +60,19 @@ impl NodeBuilder {
         }
     }
 
-    /// Hosts `space` (repeatable). With none named, the node hosts `default`.
+    /// Hosts `space` (repeatable), in [`SpaceMode::Full`] unless
+    /// [`NodeBuilder::space_mode`] gives it another mode. With no space named, the node
+    /// hosts `default`.
     pub fn space(mut self, space: SpaceName) -> Self {
-        self.spaces.insert(space);
+        self.spaces.entry(space).or_default();
+        self
+    }
+
+    /// Hosts `space` in `mode`: full (the default), pull-only (a read replica that
+    /// refuses local writes) or push-only (a source that takes nothing in). See
+    /// [`SpaceMode`].
+    pub fn space_mode(mut self, space: SpaceName, mode: SpaceMode) -> Self {
+        self.spaces.insert(space, mode);
         self
     }
 
@@ -105,7 +117,7 @@ impl NodeBuilder {
     /// Hosts `space` with its own policy. A space keeps the policy it was created with:
     /// starting on a data directory that recorded another one is refused.
     pub fn space_policy(mut self, space: SpaceName, policy: Policy) -> Self {
-        self.spaces.insert(space.clone());
+        self.spaces.entry(space.clone()).or_default();
         self.space_policies.insert(space, policy);
         self
     }
@@ -131,6 +143,23 @@ impl NodeBuilder {
         self
     }
 
+    /// Whether the node pulls by itself: on every new connection, when a peer
+    /// subscribes to a space, when gossip shows a gap, and periodically (default on).
+    /// Off, it pulls only in [`Node::sync_now`]; it still serves pulls, and still
+    /// takes gossip from peers a pull exchange (either way) has shown to share its
+    /// policy, but a gap that gossip reveals waits for the next sync.
+    pub fn auto_pull(mut self, on: bool) -> Self {
+        self.sync.auto_pull = on;
+        self
+    }
+
+    /// The longest [`Node::sync_now`] waits for its pulls (default 5 minutes); pulls
+    /// still running then go on in the background.
+    pub fn sync_timeout(mut self, bound: Duration) -> Self {
+        self.sync.sync_timeout = bound;
+        self
+    }
+
     /// Opens the store, starts the network and the sync loop, and (if configured) the
     /// HTTP API.
     pub async fn start(self) -> Result<Node, NodeError> {
@@ -142,14 +171,14 @@ impl NodeBuilder {
         })?;
         let lock = identity::lock_data_dir(&self.data_dir)?;
         let key = identity::load_or_create(&self.data_dir)?;
-        let spaces: BTreeSet<SpaceName> = if self.spaces.is_empty() {
-            [SpaceName::default_space()].into()
+        let modes: BTreeMap<SpaceName, SpaceMode> = if self.spaces.is_empty() {
+            [(SpaceName::default_space(), SpaceMode::Full)].into()
         } else {
             self.spaces
         };
         let store = Store::open(&self.data_dir.join("log"), key.clone(), self.store)?;
         let mut policies = BTreeMap::new();
-        for space in &spaces {
+        for space in modes.keys() {
             let policy = self
                 .space_policies
                 .get(space)
@@ -165,7 +194,10 @@ impl NodeBuilder {
         }
         net_config.bootstrap = self.bootstrap;
         net_config.mdns = self.mdns;
-        net_config.spaces = spaces.iter().cloned().collect();
+        // Every hosted space is subscribed, push-only ones too: gossipsub publishes only
+        // to topics the node subscribes to, and the sync loop ignores their incoming
+        // gossip.
+        net_config.spaces = modes.keys().cloned().collect();
         let (net, net_events) = weft_net::start(net_config)?;
         let mut listen = net.wait_listening(Duration::from_secs(10)).await?;
         // An unspecified address (0.0.0.0) is reported once per interface, one event at a
@@ -190,6 +222,8 @@ impl NodeBuilder {
             store,
             net,
             policies,
+            modes,
+            sync_config: self.sync.clone(),
             peer_spaces: Default::default(),
             shutdown: shutdown_tx,
             tasks: std::sync::Mutex::new(Vec::new()),
@@ -229,6 +263,9 @@ pub(crate) struct Inner {
     pub(crate) store: Store,
     pub(crate) net: NetClient,
     pub(crate) policies: BTreeMap<SpaceName, Policy>,
+    /// The mode of every hosted space (the same keys as `policies`).
+    pub(crate) modes: BTreeMap<SpaceName, SpaceMode>,
+    pub(crate) sync_config: SyncConfig,
     pub(crate) peer_spaces: sync::InFlight,
     shutdown: watch::Sender<bool>,
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
@@ -343,6 +380,8 @@ pub struct SpaceStatus {
     pub last_lsn: u64,
     /// Keys whose frontier holds concurrent events.
     pub conflicts: u64,
+    /// How this node replicates the space: `full`, `pull-only` or `push-only`.
+    pub mode: SpaceMode,
     /// The space's conflict policy, as `name/version`.
     pub resolver: String,
     /// Hex blake3 digest of the version vector and the resolved state: equal on two
@@ -391,6 +430,11 @@ impl Node {
         self.inner.policies.get(space)
     }
 
+    /// The mode of a hosted space.
+    pub fn space_mode(&self, space: &SpaceName) -> Option<SpaceMode> {
+        self.inner.modes.get(space).copied()
+    }
+
     /// The addresses the node listens on.
     pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, NodeError> {
         Ok(self.inner.net.listen_addrs().await?)
@@ -408,9 +452,20 @@ impl Node {
             .ok_or_else(|| NodeError::UnknownSpace(space.clone()))
     }
 
+    /// Refuses writes to a space that is not hosted or is pull-only here.
+    fn check_writable(&self, space: &SpaceName) -> Result<(), NodeError> {
+        self.check_space(space)?;
+        match self.space_mode(space) {
+            Some(mode) if !mode.takes_local_writes() => {
+                Err(NodeError::ReadOnlySpace(space.clone()))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Appends a write; returns once it is durable. It is gossiped to peers right after.
     pub async fn write(&self, space: &SpaceName, req: WriteRequest) -> Result<Written, NodeError> {
-        self.check_space(space)?;
+        self.check_writable(space)?;
         let applied = self
             .inner
             .store
@@ -510,7 +565,7 @@ impl Node {
         space: &SpaceName,
         writes: Vec<WriteRequest>,
     ) -> Result<Vec<Written>, NodeError> {
-        self.check_space(space)?;
+        self.check_writable(space)?;
         if writes.is_empty() {
             return Err(NodeError::Invalid(
                 "a transaction needs at least one write".into(),
@@ -654,6 +709,7 @@ impl Node {
                     pending: st.pending,
                     last_lsn: st.last_lsn,
                     conflicts: st.conflicts,
+                    mode: self.space_mode(s).unwrap_or_default(),
                     resolver: policy.identity().to_string(),
                     digest: digest.iter().map(|b| format!("{b:02x}")).collect(),
                     incompatible_peers: self.incompatible_peers(s),
@@ -688,12 +744,7 @@ impl Node {
             let Some(mine) = version_vectors.get(&space) else {
                 continue;
             };
-            let lag = |a: &VersionVector, b: &VersionVector| -> u64 {
-                a.missing_from(b)
-                    .iter()
-                    .map(|(_, from, to)| to + 1 - from)
-                    .sum()
-            };
+            let lag = sync::events_lacking;
             peer_sync.entry(peer.to_string()).or_default().insert(
                 space.to_string(),
                 PeerSyncStatus {
@@ -713,6 +764,26 @@ impl Node {
         })
     }
 
+    /// Pulls every hosted space that takes events in (full and pull-only) from every
+    /// connected peer now, waits until each pull is done (within the bound of
+    /// [`NodeBuilder::sync_timeout`]) and reports, per peer and space, what was pulled
+    /// and pushed. A pull of the same peer and space that is already running is
+    /// joined, not repeated. Failures of single exchanges are in the report; the call
+    /// fails only when the node cannot run a sync at all.
+    pub async fn sync_now(&self) -> Result<SyncReport, NodeError> {
+        sync_now::sync_now(self, &mut |_: &SyncProgress| {}).await
+    }
+
+    /// [`Node::sync_now`], calling `on_progress` as events arrive (at least once a
+    /// second while the sync runs, and once at the end) with the events applied so far
+    /// and the total the peers' version vectors lead it to expect.
+    pub async fn sync_now_with_progress(
+        &self,
+        mut on_progress: impl FnMut(&SyncProgress) + Send,
+    ) -> Result<SyncReport, NodeError> {
+        sync_now::sync_now(self, &mut on_progress).await
+    }
+
     /// Stops the sync loop and the HTTP API and waits for them. Writes already
     /// acknowledged are durable; the store closes when the last handle is dropped.
     pub async fn shutdown(self) {
@@ -721,6 +792,12 @@ impl Node {
         for t in tasks {
             let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
         }
+    }
+
+    /// What this node has sent and received over the network since it started: bytes
+    /// on the wire, per protocol, and gossip and pull counts (see [`weft_net::Traffic`]).
+    pub fn traffic(&self) -> weft_net::Traffic {
+        self.inner.net.traffic()
     }
 }
 

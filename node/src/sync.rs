@@ -18,12 +18,20 @@
 //!   out as gossip, batched when they arrive faster than the swarm takes them. A batch
 //!   ends each space's run on a signed event (the store signs the last event of each
 //!   commit), so receivers can verify it; unsigned events wait for their voucher.
+//! - Each space's [`crate::SpaceMode`] gates the automatic part: a push-only space is
+//!   never pulled and its gossip is ignored; with `auto_pull` off (`--no-auto-pull`)
+//!   the node pulls only when asked ([`crate::Node::sync_now`]). Pulls are served for
+//!   every hosted space whatever its mode.
+//! - Every pull of a (peer, space) pair is one [`PullTrack`] at a time: a pull started
+//!   while another of the same pair runs joins it, so `sync_now` can wait on (and count)
+//!   a pull the loop started and the loop never runs two of the same pair.
 //! - Every pull carries the space's policy identity. Peers whose policy differs are
 //!   refused in both directions with a clear error, and gossip for a space is only taken
 //!   from peers a pull exchange has shown to be compatible; until then the pull that
 //!   checks compatibility also fetches what the gossip carried.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -54,6 +62,13 @@ pub(crate) struct SyncConfig {
     pub page_timeout: Duration,
     /// Most events in one gossip message.
     pub publish_batch: usize,
+    /// Whether the node pulls by itself (on connection, on subscription, on a gossip
+    /// gap and for anti-entropy). Off, it pulls only in [`crate::Node::sync_now`].
+    pub auto_pull: bool,
+    /// The longest [`crate::Node::sync_now`] waits for its pulls. Five minutes: a
+    /// catch-up of a million events takes well under that on any live link, and a
+    /// stalled page is cut off after `page_timeout` anyway.
+    pub sync_timeout: Duration,
 }
 
 impl Default for SyncConfig {
@@ -65,6 +80,8 @@ impl Default for SyncConfig {
             max_pages: 100_000,
             page_timeout: Duration::from_secs(10),
             publish_batch: 256,
+            auto_pull: true,
+            sync_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -77,12 +94,48 @@ const MAX_SERVED_BYTES: u32 = 8 * 1024 * 1024;
 /// What the loop knows about each (peer, space) pair.
 #[derive(Default)]
 pub(crate) struct PeerSpaces {
-    in_flight: HashSet<(PeerId, SpaceName)>,
+    in_flight: HashMap<(PeerId, SpaceName), Arc<PullTrack>>,
     compatible: HashSet<(PeerId, SpaceName)>,
     /// Peers refused for a space, with the policy they use there.
     pub(crate) incompatible: HashMap<(PeerId, SpaceName), PolicyIdentity>,
     /// What each peer last told us it has, and when.
     pub(crate) seen: HashMap<(PeerId, SpaceName), PeerSync>,
+    /// Events served to each peer's pulls of each space while it has been connected.
+    pub(crate) served: HashMap<(PeerId, SpaceName), u64>,
+}
+
+/// One pull of a space from a peer, shared by everyone waiting on it: the counts grow
+/// page by page, and `end` is set once when the pull stops.
+pub(crate) struct PullTrack {
+    /// Events the pull applied.
+    pub(crate) applied: AtomicU64,
+    /// Pages answered (an empty last page included).
+    pub(crate) pages: AtomicU64,
+    /// Canonical encoded size of the events received.
+    pub(crate) bytes: AtomicU64,
+    end: watch::Sender<Option<Result<(), PullError>>>,
+}
+
+impl PullTrack {
+    fn new() -> Self {
+        PullTrack {
+            applied: AtomicU64::new(0),
+            pages: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            end: watch::Sender::new(None),
+        }
+    }
+
+    /// Waits until the pull stops and returns how.
+    pub(crate) async fn finished(&self) -> Result<(), PullError> {
+        let mut end = self.end.subscribe();
+        let result = match end.wait_for(Option::is_some).await {
+            Ok(end) => end.clone().unwrap_or(Ok(())),
+            // Unreachable while `self` holds the sender; say so rather than hang.
+            Err(_) => Err(PullError::Final("the pull was dropped".into())),
+        };
+        result
+    }
 }
 
 /// The last sync exchange with a peer for a space.
@@ -96,8 +149,22 @@ pub(crate) struct PeerSync {
 
 pub(crate) type InFlight = Arc<Mutex<PeerSpaces>>;
 
-fn lock(state: &InFlight) -> std::sync::MutexGuard<'_, PeerSpaces> {
+pub(crate) fn lock(state: &InFlight) -> std::sync::MutexGuard<'_, PeerSpaces> {
     state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// How many events `have` holds that `other` lacks.
+pub(crate) fn events_lacking(have: &VersionVector, other: &VersionVector) -> u64 {
+    have.missing_from(other)
+        .iter()
+        .map(|(_, from, to)| to + 1 - from)
+        .sum()
+}
+
+/// The refusal a responder gives for a space it does not host; a puller recognises it
+/// as "nothing to exchange" rather than as a failure.
+fn not_hosted(space: &SpaceName) -> String {
+    format!("space {space} is not hosted here")
 }
 
 fn refuse_message(
@@ -142,12 +209,12 @@ pub(crate) async fn run(
                 }
                 Err(broadcast::error::RecvError::Closed) => break,
             },
-            _ = anti_entropy.tick() => {
+            _ = anti_entropy.tick(), if config.auto_pull => {
                 anti_entropy.reset_after(jittered(config.anti_entropy));
                 match node.inner.net.connected_peers().await {
                     Ok(peers) if !peers.is_empty() => {
                         let peer = peers[rand::thread_rng().gen_range(0..peers.len())];
-                        for space in node.inner.policies.keys().cloned() {
+                        for space in node.inner.modes.keys().cloned() {
                             spawn_pull(&node, peer, space, &in_flight, &config);
                         }
                     }
@@ -228,7 +295,7 @@ fn handle(node: &Node, ev: NetEvent, in_flight: &InFlight, config: &SyncConfig) 
         NetEvent::Listening { addr } => tracing::info!(%addr, "listening"),
         NetEvent::PeerConnected { peer } => {
             tracing::info!(%peer, "peer connected");
-            for space in node.inner.policies.keys().cloned() {
+            for space in node.inner.modes.keys().cloned() {
                 spawn_pull(node, peer, space, in_flight, config);
             }
         }
@@ -238,11 +305,10 @@ fn handle(node: &Node, ev: NetEvent, in_flight: &InFlight, config: &SyncConfig) 
             st.compatible.retain(|(p, _)| *p != peer);
             st.seen.retain(|(p, _), _| *p != peer);
             st.incompatible.retain(|(p, _), _| *p != peer);
+            st.served.retain(|(p, _), _| *p != peer);
         }
         NetEvent::PeerSubscribed { peer, space } => {
-            if node.inner.policies.contains_key(&space) {
-                spawn_pull(node, peer, space, in_flight, config);
-            }
+            spawn_pull(node, peer, space, in_flight, config);
         }
         NetEvent::Gossip {
             source,
@@ -256,7 +322,14 @@ fn handle(node: &Node, ev: NetEvent, in_flight: &InFlight, config: &SyncConfig) 
             tokio::spawn(async move {
                 let pair = (source, space.clone());
                 let compatible = lock(&in_flight).compatible.contains(&pair);
-                let verdict = if !node.inner.policies.contains_key(&space) {
+                let takes_in = node
+                    .inner
+                    .modes
+                    .get(&space)
+                    .is_some_and(|m| m.takes_remote_events());
+                let verdict = if !takes_in {
+                    // Not hosted, or push-only: nothing of it comes in, and it is not
+                    // forwarded unverified.
                     Verdict::Ignore
                 } else if !compatible {
                     // Not yet known to share our policy: the pull checks that and
@@ -317,7 +390,7 @@ async fn serve_pull(
 ) -> PullResponse {
     let Some(policy) = node.inner.policies.get(&request.space) else {
         return PullResponse::Refused {
-            reason: format!("space {} is not hosted here", request.space),
+            reason: not_hosted(&request.space),
         };
     };
     let ours = policy.identity();
@@ -335,7 +408,7 @@ async fn serve_pull(
     {
         let mut st = lock(state);
         st.incompatible.remove(&pair);
-        st.compatible.insert(pair);
+        st.compatible.insert(pair.clone());
     }
     let store = &node.inner.store;
     let max_events = request.max_events.clamp(1, MAX_SERVED_EVENTS) as usize;
@@ -353,18 +426,22 @@ async fn serve_pull(
         }
     };
     match store.version_vector(&request.space).await {
-        Ok(have) => PullResponse::Events {
-            events: page.events,
-            done: page.done,
-            have,
-        },
+        Ok(have) => {
+            *lock(state).served.entry(pair).or_default() += page.events.len() as u64;
+            PullResponse::Events {
+                events: page.events,
+                done: page.done,
+                have,
+            }
+        }
         Err(e) => PullResponse::Refused {
             reason: format!("the responder could not read its version vector: {e}"),
         },
     }
 }
 
-/// Starts a pull of `space` from `peer` unless one is already running.
+/// Starts a pull of `space` from `peer` unless one is already running, when the node
+/// pulls by itself and the space takes events in.
 fn spawn_pull(
     node: &Node,
     peer: PeerId,
@@ -372,14 +449,86 @@ fn spawn_pull(
     in_flight: &InFlight,
     config: &SyncConfig,
 ) {
-    spawn_pull_attempt(node, peer, space, in_flight, config, 0)
+    let pulls = node
+        .inner
+        .modes
+        .get(&space)
+        .is_some_and(|m| m.takes_remote_events());
+    if config.auto_pull && pulls {
+        start_pull(node, peer, space, in_flight, config, Some(0));
+    }
 }
 
 /// Most times a pull that stalled or failed in transit is resumed from another peer (or
 /// the same one) before it is left to anti-entropy.
-const MAX_PULL_RESUMES: u32 = 5;
+pub(crate) const MAX_PULL_RESUMES: u32 = 5;
 
-fn spawn_pull_attempt(
+/// The pause before resuming a pull for the `attempt`-th time: 200 ms doubling, at most
+/// 6.4 s, so a flapping peer is not hammered.
+pub(crate) fn resume_delay(attempt: u32) -> Duration {
+    Duration::from_millis(200 << attempt.min(5))
+}
+
+/// Starts a pull of `space` from `peer`, or joins the one of that pair already running;
+/// `None` when the peer is known to use another policy for the space.
+///
+/// With `resume: Some(attempt)`, a pull that is interrupted in transit is resumed from
+/// another connected peer (the loop's own pulls); with `None` the caller decides.
+pub(crate) fn start_pull(
+    node: &Node,
+    peer: PeerId,
+    space: SpaceName,
+    in_flight: &InFlight,
+    config: &SyncConfig,
+    resume: Option<u32>,
+) -> Option<Arc<PullTrack>> {
+    let track = {
+        let mut st = lock(in_flight);
+        let pair = (peer, space.clone());
+        if st.incompatible.contains_key(&pair) {
+            return None;
+        }
+        if let Some(running) = st.in_flight.get(&pair) {
+            return Some(running.clone());
+        }
+        let track = Arc::new(PullTrack::new());
+        st.in_flight.insert(pair, track.clone());
+        track
+    };
+    let node = node.clone();
+    let in_flight = in_flight.clone();
+    let config = config.clone();
+    let shared = track.clone();
+    tokio::spawn(async move {
+        let key = (peer, space.clone());
+        let result = pull(&node, peer, &space, &in_flight, &config, &track).await;
+        lock(&in_flight).in_flight.remove(&key);
+        track.end.send_replace(Some(result.clone().map(|_| ())));
+        match result {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(%peer, %space, events = n, "pulled"),
+            Err(PullError::NotHosted) => {
+                tracing::debug!(%peer, %space, "peer does not host the space")
+            }
+            Err(PullError::Final(e)) => tracing::debug!(%peer, %space, "pull ended: {e}"),
+            Err(PullError::Resumable(e)) => match resume {
+                None => tracing::info!(%peer, %space, "pull interrupted: {e}"),
+                Some(attempt) if attempt < MAX_PULL_RESUMES => {
+                    tracing::info!(%peer, %space, "pull interrupted ({e}); resuming");
+                    resume_elsewhere(&node, peer, space, &in_flight, &config, attempt).await;
+                }
+                Some(attempt) => {
+                    tracing::warn!(%peer, %space, "pull gave up after {attempt} resumes: {e}")
+                }
+            },
+        }
+    });
+    Some(shared)
+}
+
+/// Resumes an interrupted pull after a pause, preferably from another peer. Where it
+/// stopped is simply what the store has now, so any peer will do.
+async fn resume_elsewhere(
     node: &Node,
     peer: PeerId,
     space: SpaceName,
@@ -387,61 +536,35 @@ fn spawn_pull_attempt(
     config: &SyncConfig,
     attempt: u32,
 ) {
-    {
-        let mut st = lock(in_flight);
-        let pair = (peer, space.clone());
-        if st.incompatible.contains_key(&pair) || !st.in_flight.insert(pair) {
-            return;
+    tokio::time::sleep(resume_delay(attempt)).await;
+    let candidates: Vec<PeerId> = match node.inner.net.connected_peers().await {
+        Ok(peers) => {
+            let st = lock(in_flight);
+            peers
+                .into_iter()
+                .filter(|p| !st.incompatible.contains_key(&(*p, space.clone())))
+                .collect()
         }
+        Err(_) => return,
+    };
+    let others: Vec<PeerId> = candidates.iter().copied().filter(|p| *p != peer).collect();
+    let pool = if others.is_empty() {
+        candidates
+    } else {
+        others
+    };
+    if pool.is_empty() {
+        return;
     }
-    let node = node.clone();
-    let in_flight = in_flight.clone();
-    let config = config.clone();
-    tokio::spawn(async move {
-        let key = (peer, space.clone());
-        let result = pull(&node, peer, &space, &in_flight, &config).await;
-        lock(&in_flight).in_flight.remove(&key);
-        match result {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(%peer, %space, events = n, "pulled"),
-            Err(PullError::Final(e)) => tracing::debug!(%peer, %space, "pull ended: {e}"),
-            Err(PullError::Resumable(e)) if attempt < MAX_PULL_RESUMES => {
-                tracing::info!(%peer, %space, "pull interrupted ({e}); resuming");
-                // Where it stopped is simply what the store has now; any peer will do.
-                let delay = Duration::from_millis(200 << attempt.min(5));
-                tokio::time::sleep(delay).await;
-                let candidates: Vec<PeerId> = match node.inner.net.connected_peers().await {
-                    Ok(peers) => {
-                        let st = lock(&in_flight);
-                        peers
-                            .into_iter()
-                            .filter(|p| !st.incompatible.contains_key(&(*p, space.clone())))
-                            .collect()
-                    }
-                    Err(_) => return,
-                };
-                let others: Vec<PeerId> =
-                    candidates.iter().copied().filter(|p| *p != peer).collect();
-                let pool = if others.is_empty() {
-                    candidates
-                } else {
-                    others
-                };
-                if pool.is_empty() {
-                    return;
-                }
-                let next = pool[rand::thread_rng().gen_range(0..pool.len())];
-                spawn_pull_attempt(&node, next, space, &in_flight, &config, attempt + 1);
-            }
-            Err(PullError::Resumable(e)) => {
-                tracing::warn!(%peer, %space, "pull gave up after {attempt} resumes: {e}")
-            }
-        }
-    });
+    let next = pool[rand::thread_rng().gen_range(0..pool.len())];
+    start_pull(node, next, space, in_flight, config, Some(attempt + 1));
 }
 
 /// Why a pull ended early.
-enum PullError {
+#[derive(Debug, Clone)]
+pub(crate) enum PullError {
+    /// The peer does not host the space: there is nothing to exchange.
+    NotHosted,
     /// The peer refused, is incompatible, or sent a page that was rejected.
     Final(String),
     /// The page did not arrive (stall, timeout, connection lost): worth resuming.
@@ -458,7 +581,7 @@ impl<T> Drop for AbortOnDrop<T> {
 }
 
 /// Pulls page by page until the peer is done or a page brings nothing new. Returns
-/// the number of events applied.
+/// the number of events applied; `track` follows the counts as pages arrive.
 ///
 /// Pipelined: while one page is being verified and committed, the request for the next
 /// one is already on the wire, built from the version vector the current page will
@@ -471,6 +594,7 @@ async fn pull(
     space: &SpaceName,
     state: &InFlight,
     config: &SyncConfig,
+    track: &PullTrack,
 ) -> Result<usize, PullError> {
     let Some(policy) = node.inner.policies.get(space) else {
         return Err(PullError::Final(format!(
@@ -506,12 +630,16 @@ async fn pull(
         .map_err(|e| PullError::Final(e.to_string()))?;
     let mut in_flight = AbortOnDrop(tokio::spawn(request_for(have.clone())));
     let mut applied = 0;
+    let mut encoded = Vec::new();
     for _ in 0..config.max_pages {
         let response = (&mut in_flight.0)
             .await
             .map_err(|e| PullError::Final(format!("pull task failed: {e}")))??;
         let (events, done, theirs) = match response {
             PullResponse::Events { events, done, have } => (events, done, have),
+            PullResponse::Refused { reason } if reason == not_hosted(space) => {
+                return Err(PullError::NotHosted)
+            }
             PullResponse::Refused { reason } => {
                 return Err(PullError::Final(format!("refused: {reason}")))
             }
@@ -524,6 +652,7 @@ async fn pull(
                 return Err(PullError::Final(msg));
             }
         };
+        track.pages.fetch_add(1, Ordering::Relaxed);
         {
             let mut st = lock(state);
             st.incompatible.remove(&pair);
@@ -549,6 +678,15 @@ async fn pull(
             // The next page travels while this one is verified and committed.
             in_flight = AbortOnDrop(tokio::spawn(request_for(next_have.clone())));
         }
+        let bytes: usize = events
+            .iter()
+            .map(|e| {
+                encoded.clear();
+                e.encode_into(&mut encoded);
+                encoded.len()
+            })
+            .sum();
+        track.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
         let outcome = node.inner.store.ingest(space, events).await;
         let outcome = outcome.map_err(|e| match e {
             StoreError::Rejected { id, reason } => {
@@ -558,6 +696,9 @@ async fn pull(
             other => PullError::Final(other.to_string()),
         })?;
         applied += outcome.applied.len();
+        track
+            .applied
+            .fetch_add(outcome.applied.len() as u64, Ordering::Relaxed);
         have = next_have;
         if done || outcome.applied.is_empty() {
             return Ok(applied);
