@@ -5,8 +5,10 @@
 //! It scans each space's log once, in lsn order, keeping per origin only the highest
 //! seq seen and per key its recomputed frontier (and merge state), and checks every
 //! index against that scan: the memory it needs grows with the number of origins and
-//! keys, not with the length of the log. Every event's signature is verified, one by
-//! one: the checker trusts nothing it reads.
+//! keys, not with the length of the log. Every signed event's signature is verified,
+//! one by one, and every unsigned event must be linked by hashes recomputed from the
+//! stored bytes to a later signed event of its origin: the checker trusts nothing it
+//! reads.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -14,11 +16,14 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use heed::{EnvFlags, EnvOpenOptions, RoTxn};
-use weft_crdt::{Frontier, Merge, NodeId, Policy, PolicyKind, SpaceName, VersionVector};
+use weft_crdt::{
+    Event, EventHash, EventId, Frontier, Merge, NodeId, Policy, PolicyKind, SpaceName,
+    VersionVector,
+};
 
 use crate::tables::{
-    self, be_u64, history_key, id_key, IdEntry, SpaceId, Tables, FORMAT_VERSION, MAX_DBS,
-    META_FORMAT, META_NODE_ID,
+    self, be_u64, id_key, IdEntry, SpaceId, Tables, FORMAT_VERSION, MAX_DBS, META_FORMAT,
+    META_NODE_ID,
 };
 use crate::StoreError;
 
@@ -72,15 +77,21 @@ impl SpaceCheck {
 ///
 /// The directory must not be open in this process (that fails with
 /// [`StoreError::AlreadyOpen`]); a node in another process may run, as LMDB readers
-/// see a consistent snapshot. Checked per space: every event decodes, validates and
-/// carries its origin's signature; lsns are contiguous; `by_id` and `by_key` index
-/// exactly the log's events (right lsn and hash, nothing dangling); the version vector
-/// holds, per origin, the highest seq in the log and every seq below it is present
-/// exactly once; each event's `prev` is the stored hash of its origin's previous
-/// event; each event's causes were applied at lower lsns; every key's frontier and the
-/// conflict flags and count match the frontiers recomputed from the log; merge states
+/// see a consistent snapshot. Checked per space: every event decodes and validates;
+/// every signed event carries its origin's signature, and every unsigned one is
+/// vouched for by a later signed event of its origin whose `prev` hashes link down to
+/// it — in the log, or, for the unsigned tail of an origin's chain, waiting in the
+/// pending set (an origin's chain head in the log is otherwise signed); every
+/// transaction group (events tagged `weft.txn = "<first>/<count>"`) is in the log
+/// whole or not at all; lsns are contiguous; `by_id` and `by_key` index exactly the
+/// log's events (right lsn and hash, nothing dangling); the version vector holds, per
+/// origin, the highest seq in the log and every seq below it is present exactly once;
+/// each event's `prev` is the stored hash of its origin's previous event; each event's
+/// causes were applied at lower lsns; the frontier `by_key` records after every event,
+/// and the conflict count, match the frontiers recomputed from the log; merge states
 /// match a recomputation (for built-in merges; others are reported skipped); parked
-/// events are not applied yet, decode and verify.
+/// events are not applied yet, decode, and are signed or vouched for by a later parked
+/// event of their origin.
 ///
 /// Errors are reserved for failing to read at all; every damage found is a violation
 /// in the report.
@@ -134,6 +145,19 @@ fn soft<T>(r: Result<T, StoreError>, out: &mut SpaceCheck, fallback: T) -> Resul
     }
 }
 
+/// What the forward scan knows of one origin's chain in the log.
+#[derive(Default)]
+struct Chain {
+    /// Highest seq seen and the hash recomputed from that event's stored bytes.
+    last: Option<(u64, EventHash)>,
+    /// The seqs of the unsigned events since the last signed one that verified: they
+    /// are authentic only once a later signed event is linked to them.
+    unvouched: Option<(u64, u64)>,
+    /// The transaction group the last event belongs to, while it is incomplete:
+    /// `(first, count)`.
+    open_group: Option<(u64, u64)>,
+}
+
 fn check_space(
     t: &Tables,
     txn: &RoTxn,
@@ -158,6 +182,7 @@ fn check_space(
 
     // The forward scan, in lsn order.
     let mut applied = VersionVector::new();
+    let mut chains: HashMap<NodeId, Chain> = HashMap::new();
     let mut frontiers: BTreeMap<String, Frontier> = BTreeMap::new();
     let mut states: HashMap<String, Vec<u8>> = HashMap::new();
     let mut expected_lsn = 1;
@@ -181,12 +206,10 @@ fn check_space(
         };
         let id = event.id();
         let at = format!("event {id} at lsn {lsn}");
-        if let Some(space) = &space {
-            if let Err(e) = event.verify(space) {
-                out.violation(format!("{at}: signature does not verify: {e}"));
-            }
-        }
-        let hash = event.hash();
+        let hash = tables::hash_of_encoding(bytes);
+        let chain = chains.entry(event.origin).or_default();
+        follow_chain(chain, &event, hash, space.as_ref(), &at, &mut out);
+        follow_group(chain, &event, &at, &mut out);
         match t.by_id.get(txn, &id_key(sid, &event.origin, event.seq))? {
             None => out.violation(format!("{at}: missing from by_id")),
             Some(b) => match IdEntry::from_bytes(b) {
@@ -242,24 +265,49 @@ fn check_space(
 
         let frontier = frontiers.entry(event.key.clone()).or_default();
         frontier.apply(&event);
-        let conflict = frontier.is_conflict();
-        match t.by_key.get(txn, &history_key(sid, &event.key, lsn))? {
-            None => out.violation(format!("{at}: missing from by_key")),
-            Some(flags) => {
+        match soft(
+            t.last_history(txn, sid, event.key.as_bytes(), lsn),
+            &mut out,
+            None,
+        )? {
+            Some(record) if record.lsn == lsn => {
                 by_key_found += 1;
-                let flagged = flags
-                    .first()
-                    .is_some_and(|f| f & tables::HISTORY_CONFLICT != 0);
-                if flagged != conflict {
-                    out.violation(format!(
-                        "{at}: by_key conflict flag is {flagged}, recomputed {conflict}"
-                    ));
+                match stored_frontier(t, txn, sid, id, &record) {
+                    Ok(stored) if stored == frontier.ids() => {}
+                    Ok(stored) => out.violation(format!(
+                        "{at}: by_key records the frontier {:?} of key {:?} after it, recomputed from its history {:?}",
+                        stored.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                        event.key,
+                        ids(frontier)
+                    )),
+                    Err(StoreError::Corrupt(e)) => out.violation(format!("{at}: {e}")),
+                    Err(e) => return Err(e),
                 }
             }
+            _ => out.violation(format!("{at}: missing from by_key")),
         }
         if let Some(m) = &merge {
             if let Ok(new) = m.apply(states.get(&event.key).map(Vec::as_slice), &event) {
                 states.insert(event.key.clone(), new);
+            }
+        }
+    }
+
+    // Every origin's chain ends on a signed event, or its unsigned tail is vouched for
+    // by a signed event waiting in the pending set; and no transaction is left partial.
+    let mut origins: Vec<_> = chains.into_iter().collect();
+    origins.sort_by_key(|(o, _)| *o);
+    for (origin, chain) in origins {
+        if let (Some((first, count)), Some((last, _))) = (chain.open_group, chain.last) {
+            out.violation(format!(
+                "transaction {first}/{count} of {origin} is partial: the log ends it at seq {last}"
+            ));
+        }
+        if let (Some((from, to)), Some((_, head))) = (chain.unvouched, chain.last) {
+            if !vouched_from_pending(t, txn, sid, origin, to, head, space.as_ref())? {
+                out.violation(format!(
+                    "events {origin}:{from}..={to} are unsigned and no signed event of their origin is linked to them (in the log or the pending set)"
+                ));
             }
         }
     }
@@ -295,66 +343,59 @@ fn check_space(
         }
     }
 
-    // Nothing dangling in by_key: the scan found every event's entry, so any entry
-    // beyond those is extra; only then are entries looked at one by one.
+    // Nothing dangling in by_key: every chunk is well-formed and starts at its first
+    // record, and it holds no record beyond those the scan found; only if it does are
+    // records looked at one by one.
     let mut by_key_total = 0u64;
     for entry in t.by_key.prefix_iter(txn, &sid.to_be_bytes())? {
-        entry?;
-        by_key_total += 1;
-    }
-    if by_key_total != by_key_found {
-        for entry in t.by_key.prefix_iter(txn, &sid.to_be_bytes())? {
-            let (k, _) = entry?;
-            let key = k.get(4..k.len().saturating_sub(9)).unwrap_or_default();
-            let lsn = be_u64(&k[k.len().saturating_sub(8)..], "by_key lsn").unwrap_or(0);
-            let matches = match t.events.get(txn, &tables::event_key(sid, lsn))? {
-                Some(b) => weft_crdt::Event::decode(b).is_ok_and(|e| e.key.as_bytes() == key),
-                None => false,
-            };
-            if !matches {
-                out.violation(format!(
-                    "by_key files lsn {lsn} under key {:?}, which is not that event's key",
-                    String::from_utf8_lossy(key)
-                ));
-            }
-        }
-    }
-
-    // Frontiers and the conflict count against the recomputation.
-    let mut stored_keys = 0usize;
-    for entry in t.frontier.prefix_iter(txn, &sid.to_be_bytes())? {
         let (k, v) = entry?;
-        stored_keys += 1;
-        let key = String::from_utf8_lossy(&k[4..]).into_owned();
-        let stored = match tables::decode_frontier(v, format_args!("{key:?}")) {
-            Ok(f) => f,
+        let (key, first) = match tables::split_history_key(k) {
+            Ok(parts) => parts,
             Err(e) => {
                 out.violation(e.to_string());
                 continue;
             }
         };
-        match frontiers.get(&key) {
-            Some(f) if *f == stored => {}
-            Some(f) => out.violation(format!(
-                "frontier of key {key:?} is {:?}, recomputed from its history {:?}",
-                ids(&stored),
-                ids(f)
-            )),
-            None => out.violation(format!(
-                "frontier of key {key:?} exists, but the key has no events"
-            )),
+        let name = String::from_utf8_lossy(key).into_owned();
+        match tables::decode_chunk(first, v, format_args!("{name:?}")) {
+            Ok(records) => {
+                by_key_total += records.len() as u64;
+                let ascending = records.windows(2).all(|w| w[0].lsn < w[1].lsn);
+                if records[0].lsn != first || !ascending {
+                    out.violation(format!(
+                        "by_key chunk of key {name:?} at lsn {first} holds records out of order"
+                    ));
+                }
+            }
+            Err(e) => out.violation(e.to_string()),
         }
     }
-    if stored_keys != frontiers.len() {
-        for key in frontiers.keys() {
-            if t.frontier
-                .get(txn, &tables::frontier_key(sid, key))?
-                .is_none()
-            {
-                out.violation(format!("key {key:?} has events but no stored frontier"));
+    if by_key_total != by_key_found {
+        for entry in t.by_key.prefix_iter(txn, &sid.to_be_bytes())? {
+            let (k, v) = entry?;
+            let Ok((key, first)) = tables::split_history_key(k) else {
+                continue;
+            };
+            let Ok(records) = tables::decode_chunk(first, v, "a chunk") else {
+                continue;
+            };
+            for lsn in records.iter().map(|r| r.lsn) {
+                let matches = match t.events.get(txn, &tables::event_key(sid, lsn))? {
+                    Some(b) => weft_crdt::Event::decode(b).is_ok_and(|e| e.key.as_bytes() == key),
+                    None => false,
+                };
+                if !matches {
+                    out.violation(format!(
+                        "by_key files lsn {lsn} under key {:?}, which is not that event's key",
+                        String::from_utf8_lossy(key)
+                    ));
+                }
             }
         }
     }
+
+    // The conflict count against the recomputation (each key's frontier was checked
+    // entry by entry in the scan).
     let conflicts = frontiers.values().filter(|f| f.is_conflict()).count() as u64;
     let counted = soft(t.conflicts(txn, sid), &mut out, conflicts)?;
     if counted != conflicts {
@@ -385,7 +426,7 @@ fn check_space(
     }
     if merge.is_some() && stored_states != states.len() {
         for key in states.keys() {
-            if t.state.get(txn, &tables::frontier_key(sid, key))?.is_none() {
+            if t.state.get(txn, &tables::record_key(sid, key))?.is_none() {
                 out.violation(format!(
                     "key {key:?} has no merge state, but its history folds to one"
                 ));
@@ -393,7 +434,189 @@ fn check_space(
         }
     }
 
-    // The pending set: parked events are not applied, and are authentic.
+    check_pending(t, txn, sid, &applied, space.as_ref(), &mut out)?;
+    Ok(out)
+}
+
+/// The frontier a `by_key` record holds for the event `id`: the event and the other
+/// members it names, which must be applied before it. Sorted by id.
+fn stored_frontier(
+    t: &Tables,
+    txn: &RoTxn,
+    sid: SpaceId,
+    id: EventId,
+    record: &tables::Record,
+) -> Result<Vec<EventId>, StoreError> {
+    let mut out = vec![id];
+    for &member in &record.others {
+        if member >= record.lsn {
+            return Err(StoreError::Corrupt(format!(
+                "by_key names lsn {member} in the frontier after lsn {}",
+                record.lsn
+            )));
+        }
+        out.push(t.id_at(txn, sid, member)?);
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// Follows one origin's hash chain through the log: checks the signature of a signed
+/// event, and tracks the unsigned events a later signed one must vouch for. A link is
+/// checked against the hash recomputed from the previous event's stored bytes, not
+/// against an index.
+fn follow_chain(
+    chain: &mut Chain,
+    event: &Event,
+    hash: EventHash,
+    space: Option<&SpaceName>,
+    at: &str,
+    out: &mut SpaceCheck,
+) {
+    let linked = match chain.last {
+        Some((seq, h)) => event.seq == seq + 1 && event.prev == Some(h),
+        None => event.seq == 1,
+    };
+    if !linked {
+        if let Some((from, to)) = chain.unvouched.take() {
+            let origin = event.origin;
+            out.violation(format!(
+                "events {origin}:{from}..={to} are unsigned and their chain breaks before a signed event of their origin vouches for them"
+            ));
+        }
+    }
+    let authentic = match (&event.sig, space) {
+        (Some(_), Some(space)) => match event.verify(space) {
+            Ok(()) => true,
+            Err(e) => {
+                out.violation(format!("{at}: signature does not verify: {e}"));
+                false
+            }
+        },
+        // Without a valid space name nothing can be verified (reported once above).
+        (Some(_), None) => true,
+        (None, _) => false,
+    };
+    chain.unvouched = if authentic {
+        None
+    } else {
+        Some((
+            chain.unvouched.map_or(event.seq, |(from, _)| from),
+            event.seq,
+        ))
+    };
+    chain.last = Some((event.seq, hash));
+}
+
+/// Tracks transaction groups through one origin's events: a group's events are
+/// consecutive seqs, all tagged with the group, and the log must hold all or none.
+fn follow_group(chain: &mut Chain, event: &Event, at: &str, out: &mut SpaceCheck) {
+    let origin = event.origin;
+    let group = match crate::txn::group_of(event) {
+        Ok(g) => g,
+        Err(e) => {
+            out.violation(format!("{at}: {e}"));
+            None
+        }
+    };
+    if let Some((first, count)) = chain.open_group {
+        let continues = group == Some((first, count)) && event.seq > first;
+        if !continues {
+            out.violation(format!(
+                "transaction {first}/{count} of {origin} is partial: {at} follows it before its end"
+            ));
+            chain.open_group = None;
+        }
+    }
+    match group {
+        Some((first, count)) if chain.open_group.is_none() => {
+            if event.seq != first {
+                out.violation(format!(
+                    "{at}: belongs to transaction {first}/{count}, whose first event is not in the log before it"
+                ));
+            } else if count > 1 {
+                chain.open_group = Some((first, count));
+            }
+        }
+        Some((first, count)) if event.seq + 1 == first + count => chain.open_group = None,
+        Some(_) | None => {}
+    }
+}
+
+/// Whether the pending set holds a signed event of `origin` linked, through parked
+/// events with consecutive seqs, to its applied head `head_seq` (whose hash is
+/// `head`): an unsigned head is authentic when its voucher waits there for a cause.
+fn vouched_from_pending(
+    t: &Tables,
+    txn: &RoTxn,
+    sid: SpaceId,
+    origin: NodeId,
+    head_seq: u64,
+    head: EventHash,
+    space: Option<&SpaceName>,
+) -> Result<bool, StoreError> {
+    let mut prev = head;
+    let mut seq = head_seq;
+    // Bounded by the pending set: each step reads the next parked seq.
+    loop {
+        seq += 1;
+        let Some(bytes) = t.pending.get(txn, &id_key(sid, &origin, seq))? else {
+            return Ok(false);
+        };
+        let Ok(event) = Event::decode(bytes) else {
+            return Ok(false);
+        };
+        if event.seq != seq || event.prev != Some(prev) {
+            return Ok(false);
+        }
+        if event.sig.is_some() {
+            return Ok(space.is_none_or(|s| event.verify(s).is_ok()));
+        }
+        prev = tables::hash_of_encoding(bytes);
+    }
+}
+
+/// The pending set: parked events are not applied, decode, and are authentic — signed
+/// by their origin, or unsigned and vouched for by a later parked event of their
+/// origin linked to them.
+fn check_pending(
+    t: &Tables,
+    txn: &RoTxn,
+    sid: SpaceId,
+    applied: &VersionVector,
+    space: Option<&SpaceName>,
+    out: &mut SpaceCheck,
+) -> Result<(), StoreError> {
+    // Entries come in (origin, seq) order; each origin's are checked from its highest
+    // seq down, as `verify_batch` checks a page.
+    let mut run: Vec<(Event, EventHash)> = Vec::new();
+    let flush = |run: &mut Vec<(Event, EventHash)>, out: &mut SpaceCheck| {
+        let mut voucher: Option<(u64, Option<EventHash>)> = None;
+        for (event, hash) in run.drain(..).rev() {
+            let (origin, seq) = (event.origin, event.seq);
+            let vouched = voucher.is_some_and(|(s, prev)| s == seq + 1 && prev == Some(hash));
+            let authentic = vouched
+                || match (&event.sig, space) {
+                    (Some(_), Some(space)) => match event.verify(space) {
+                        Ok(()) => true,
+                        Err(e) => {
+                            out.violation(format!(
+                                "pending event {origin}:{seq}: signature does not verify: {e}"
+                            ));
+                            false
+                        }
+                    },
+                    (Some(_), None) => true,
+                    (None, _) => {
+                        out.violation(format!(
+                            "pending event {origin}:{seq} is unsigned and no later parked event of its origin vouches for it"
+                        ));
+                        false
+                    }
+                };
+            voucher = authentic.then_some((seq, event.prev));
+        }
+    };
     for entry in t.pending.prefix_iter(txn, &sid.to_be_bytes())? {
         let (k, v) = entry?;
         let at = match tables::node_at(&k[4..], "pending key")
@@ -418,19 +641,19 @@ fn check_space(
                 "pending entry {origin}:{seq} holds event {}",
                 event.id()
             ));
+            continue;
         }
         if seq <= applied.get(&origin) {
             out.violation(format!("pending event {origin}:{seq} is already applied"));
         }
-        if let Some(space) = &space {
-            if let Err(e) = event.verify(space) {
-                out.violation(format!(
-                    "pending event {origin}:{seq}: signature does not verify: {e}"
-                ));
-            }
+        if run.last().is_some_and(|(e, _)| e.origin != origin) {
+            flush(&mut run, out);
         }
+        let hash = tables::hash_of_encoding(v);
+        run.push((event, hash));
     }
-    Ok(out)
+    flush(&mut run, out);
+    Ok(())
 }
 
 /// The merge to recompute states with: the built-in merge the space's recorded policy

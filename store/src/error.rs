@@ -34,6 +34,16 @@ pub enum StoreError {
     /// Stored bytes that do not decode, or indexes that contradict each other.
     #[error("corrupt store: {0}")]
     Corrupt(String),
+    /// The data directory was written with another on-disk layout (an older or newer
+    /// build of the store). Nothing was changed: open it with a build that reads that
+    /// layout, or start from an empty directory and let replication fill it.
+    #[error("data directory has layout version {found}; this build reads only version {supported}: use a build that reads it, or start from an empty directory and re-sync from peers")]
+    UnsupportedLayout {
+        /// The layout recorded in the directory.
+        found: u32,
+        /// The layout this build reads and writes.
+        supported: u32,
+    },
     /// The data directory belongs to another node: its events were signed with another
     /// key, so writing with this one would start a second, unrelated sequence.
     #[error("data directory belongs to node {stored}, not to {given}")]

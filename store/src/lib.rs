@@ -3,9 +3,11 @@
 //! A [`Store`] holds every space of one node in one LMDB environment: the applied
 //! events in local (lsn) order, which is causal order; per space the version vector;
 //! per key the frontier (and, in spaces whose policy is a merge, the merged state); and
-//! the pending set of remote events that arrived before their causes. Local writes ([`Store::append`]) and remote events ([`Store::ingest`]) go to
-//! a single writer thread that group-commits them (see `writer.rs`); reads run on
-//! blocking threads with their own read transactions.
+//! the pending set of remote events that arrived before their causes. Local writes
+//! ([`Store::append`]) and remote events ([`Store::ingest`]) go to a single writer
+//! thread that group-commits them (see `writer.rs`), signing each commit's last local
+//! event per space, which vouches for the ones before it through the hash chain; reads
+//! run on blocking threads with their own read transactions.
 //!
 //! Architecture invariant: this crate knows no network. It trusts nothing it is given
 //! by `ingest` — every event is validated, signature-checked and hash-chain-checked here
@@ -23,8 +25,8 @@
 //!
 //! Transactions: [`Store::append_transaction`] writes several keys atomically, here and
 //! on every replica (see `txn.rs` for the design: every event of a transaction names
-//! its whole group in reserved signed meta, and replicas apply a group only whole, in
-//! one commit).
+//! its whole group in reserved meta, the group's last event is signed, and replicas
+//! apply a group only whole, in one commit).
 //!
 //! Checking: [`check`] verifies every invariant of a closed data directory offline and
 //! reports each violation (`check.rs`).
@@ -91,11 +93,10 @@ pub use crate::error::StoreError;
 use crate::map::MapControl;
 pub use crate::reads::{Cursor, EventPage, EventQuery, Start, SCAN_BUDGET};
 use crate::tables::{
-    space_meta_key, Tables, FORMAT_VERSION, MAX_DBS, MAX_TABLE_KEY, META_FORMAT, META_HLC,
-    META_NODE_ID, SPACE_CONFLICTS,
+    Tables, FORMAT_VERSION, MAX_DBS, MAX_TABLE_KEY, META_FORMAT, META_HLC, META_NODE_ID,
 };
 pub use crate::txn::{MAX_TXN_WRITES, RESERVED_META_PREFIX, TXN_META_KEY};
-use crate::writer::{Command, Writer};
+use crate::writer::{Command, Prepared, Writer};
 
 /// How many applied events a slow subscriber may fall behind before it sees
 /// `RecvError::Lagged` and must catch up with [`Store::events_since`].
@@ -169,7 +170,8 @@ impl Durability {
     }
 }
 
-/// A local write, before `append` gives it a seq, clock, hlc, prev and signature.
+/// A local write, before `append` gives it a seq, clock, hlc and prev (and, at the end
+/// of its commit, a signature).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Write {
     /// The record, e.g. `todos/42`.
@@ -385,9 +387,13 @@ impl Store {
     ///
     /// The event gets the next seq of this node in the space, the space's version
     /// vector as its clock (everything this node has applied happened before it), a
-    /// fresh HLC reading and the hash of this node's previous event as `prev`. Invalid
-    /// fields, and meta keys starting with [`RESERVED_META_PREFIX`], fail with
-    /// [`StoreError::Invalid`] before anything is stored or any seq is used.
+    /// fresh HLC reading and the hash of this node's previous event as `prev`. It is
+    /// signed when it is this node's last event in the space in its commit (or ends a
+    /// run of [`weft_crdt::limits::MAX_UNSIGNED_RUN`]); otherwise it is unsigned, and
+    /// the signed event that ends the commit vouches for it through the hash chain, so
+    /// one signature serves every append the commit holds. Invalid fields, and meta
+    /// keys starting with [`RESERVED_META_PREFIX`], fail with [`StoreError::Invalid`]
+    /// before anything is stored or any seq is used.
     pub async fn append(&self, space: &SpaceName, write: Write) -> Result<Applied, StoreError> {
         weft_crdt::check_write_fields(
             &write.key,
@@ -532,9 +538,8 @@ impl Store {
         self.read(space, digest_of(VersionVector::new(), []), |t, txn, sid| {
             let vv = t.version_vector(txn, sid)?;
             let mut keys = Vec::new();
-            for entry in t.frontiers(txn, sid)? {
-                let (key, frontier) = entry?;
-                let state = t.state(txn, sid, key)?;
+            for (key, frontier) in t.frontiers(txn, sid)? {
+                let state = t.state(txn, sid, &key)?;
                 keys.push((key, frontier, state));
             }
             Ok(digest_of(vv, keys))
@@ -557,19 +562,12 @@ impl Store {
         if events.is_empty() {
             return Ok(IngestOutcome::default());
         }
-        let checked_space = space.clone();
-        let events = tokio::task::spawn_blocking(move || {
-            verify::verify_batch(&checked_space, &events)?;
-            for e in &events {
-                txn::group_of(e).map_err(|reason| StoreError::Rejected { id: e.id(), reason })?;
-            }
-            Ok::<_, StoreError>(events)
-        })
-        .await??;
+        let (events, prepared) = authenticate(space, events).await?;
         let (reply, answer) = oneshot::channel();
         self.send(Command::Ingest {
             space: space.clone(),
             events,
+            prepared,
             reply,
         })
         .await?;
@@ -581,11 +579,7 @@ impl Store {
     pub async fn get(&self, space: &SpaceName, key: &str) -> Result<Vec<Event>, StoreError> {
         let key = key.to_owned();
         self.read(space, Vec::new(), move |t, txn, sid| {
-            t.frontier(txn, sid, &key)?
-                .ids()
-                .iter()
-                .map(|id| t.event_by_id(txn, sid, id))
-                .collect()
+            t.frontier_events_at(txn, sid, &key, u64::MAX)
         })
         .await
     }
@@ -735,6 +729,51 @@ impl Store {
     }
 }
 
+/// Batches at least this long are encoded and hashed on a second blocking thread while
+/// the first verifies them; for shorter ones the hop would cost more than it saves.
+const PARALLEL_PREPARE_AT: usize = 64;
+
+/// Authenticates a remote batch (structure, signatures and hash chains, transaction
+/// tags) and computes each event's encoding and hash for the writer, on blocking
+/// threads, so that neither the writer nor the async runtime pays for it.
+async fn authenticate(
+    space: &SpaceName,
+    events: Vec<Event>,
+) -> Result<(Vec<Event>, Vec<Prepared>), StoreError> {
+    let events = Arc::new(events);
+    let check = {
+        let (space, events) = (space.clone(), events.clone());
+        move || -> Result<(), StoreError> {
+            verify::verify_batch(&space, &events)?;
+            for e in events.iter() {
+                txn::group_of(e).map_err(|reason| StoreError::Rejected { id: e.id(), reason })?;
+            }
+            Ok(())
+        }
+    };
+    let prepare = {
+        let events = events.clone();
+        move || events.iter().map(Prepared::of).collect::<Vec<_>>()
+    };
+    let prepared = if events.len() >= PARALLEL_PREPARE_AT {
+        let (checked, prepared) = tokio::join!(
+            tokio::task::spawn_blocking(check),
+            tokio::task::spawn_blocking(prepare)
+        );
+        checked??;
+        prepared?
+    } else {
+        tokio::task::spawn_blocking(move || {
+            check()?;
+            Ok::<_, StoreError>(prepare())
+        })
+        .await??
+    };
+    // Both closures are done, so this is the last reference.
+    let events = Arc::try_unwrap(events).unwrap_or_else(|shared| (*shared).clone());
+    Ok((events, prepared))
+}
+
 /// Checks the layout version and the directory's owner, recording both on first open,
 /// and returns the last persisted HLC reading.
 fn init_meta(env: &Env<WithoutTls>, tables: &Tables, node_id: NodeId) -> Result<Hlc, StoreError> {
@@ -742,12 +781,11 @@ fn init_meta(env: &Env<WithoutTls>, tables: &Tables, node_id: NodeId) -> Result<
     match tables.meta.get(&txn, META_FORMAT)? {
         Some(b) => {
             let found = tables::be_u32(b, "format version")?;
-            if found == 1 {
-                upgrade_from_layout_1(&mut txn, tables)?;
-            } else if found != FORMAT_VERSION {
-                return Err(StoreError::Corrupt(format!(
-                    "data directory has layout version {found}; this build reads version {FORMAT_VERSION}"
-                )));
+            if found != FORMAT_VERSION {
+                return Err(StoreError::UnsupportedLayout {
+                    found,
+                    supported: FORMAT_VERSION,
+                });
             }
         }
         None => tables
@@ -779,31 +817,11 @@ fn init_meta(env: &Env<WithoutTls>, tables: &Tables, node_id: NodeId) -> Result<
     Ok(hlc)
 }
 
-/// Layout 1 lacked the conflict counters (the new tables are created empty by
-/// `Tables::create`, which is right: no space had a policy or merge state). Counts each
-/// space's conflicted keys once, in the open's write transaction.
-fn upgrade_from_layout_1(txn: &mut heed::RwTxn, tables: &Tables) -> Result<(), StoreError> {
-    let mut counts = Vec::new();
-    for (_, sid) in tables.all_spaces(txn)? {
-        counts.push((sid, tables.count_conflicts(txn, sid)?));
-    }
-    for (sid, n) in counts {
-        tables
-            .space_meta
-            .put(txn, &space_meta_key(sid, SPACE_CONFLICTS), &n.to_be_bytes())?;
-    }
-    tables
-        .meta
-        .put(txn, META_FORMAT, &FORMAT_VERSION.to_be_bytes())?;
-    tracing::info!("upgraded the data directory to layout version {FORMAT_VERSION}");
-    Ok(())
-}
-
 /// The digest [`Store::digest`] returns. Every variable-length part is length-prefixed
 /// and every count given, so no two different states hash the same input.
 fn digest_of<'a>(
     vv: VersionVector,
-    keys: impl IntoIterator<Item = (&'a [u8], weft_crdt::Frontier, Option<&'a [u8]>)>,
+    keys: impl IntoIterator<Item = (Vec<u8>, Vec<weft_crdt::EventId>, Option<&'a [u8]>)>,
 ) -> [u8; 32] {
     let mut h = blake3::Hasher::new();
     h.update(b"weft/space-digest/1");
@@ -816,9 +834,9 @@ fn digest_of<'a>(
     for (key, frontier, state) in keys {
         h.update(b"k");
         h.update(&(key.len() as u64).to_be_bytes());
-        h.update(key);
-        h.update(&(frontier.ids().len() as u64).to_be_bytes());
-        for id in frontier.ids() {
+        h.update(&key);
+        h.update(&(frontier.len() as u64).to_be_bytes());
+        for id in &frontier {
             h.update(id.origin.as_bytes());
             h.update(&id.seq.to_be_bytes());
         }

@@ -9,11 +9,11 @@
 //! through an opaque [`Cursor`].
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
 use std::fmt;
 
 use heed::RoTxn;
-use weft_crdt::{Event, EventId, Frontier, Op, Policy, SpaceName};
+use weft_crdt::{Event, Op, Policy, SpaceName};
 
 use crate::tables::{self, LogScan, SpaceId, Tables};
 use crate::{Applied, Store, StoreError};
@@ -299,9 +299,8 @@ impl Store {
     }
 
     /// The frontier `key` had when the event at local position `lsn` had just been
-    /// applied: recomputed from the key's history up to `lsn`, so the caller resolves
-    /// it as it would [`Store::get`]'s. Sorted by id; empty when the key had no events
-    /// by then.
+    /// applied (as the key index recorded it then), so the caller resolves it as it
+    /// would [`Store::get`]'s. Sorted by id; empty when the key had no events by then.
     pub async fn get_at(
         &self,
         space: &SpaceName,
@@ -310,20 +309,7 @@ impl Store {
     ) -> Result<Vec<Event>, StoreError> {
         let key = key.to_owned();
         self.read(space, Vec::new(), move |t, txn, sid| {
-            let mut frontier = Frontier::new();
-            let mut events: HashMap<EventId, Event> = HashMap::new();
-            for event in history_events(t, txn, sid, &key, lsn)? {
-                let event = event?;
-                // Lsn order is causal order, which is what `Frontier::apply` needs.
-                frontier.apply(&event);
-                events.insert(event.id(), event);
-                events.retain(|id, _| frontier.ids().contains(id));
-            }
-            Ok(frontier
-                .ids()
-                .iter()
-                .filter_map(|id| events.remove(id))
-                .collect())
+            t.frontier_events_at(txn, sid, &key, lsn)
         })
         .await
     }

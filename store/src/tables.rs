@@ -11,17 +11,31 @@
 //! | `meta`     | `format`, `node_id`, `hlc`           | u32 / 32 bytes / u64           |
 //! | `events`   | sid, lsn (u64)                       | canonical CBOR event           |
 //! | `by_id`    | sid, origin (32 B), seq (u64)        | lsn (u64), event hash (32 B)   |
-//! | `by_key`   | sid, record key, 0x00, lsn (u64)     | flags (u8) or empty, see below |
-//! | `frontier` | sid, record key                      | CBOR [`Frontier`]              |
+//! | `by_key`   | sid, record key, 0x00, lsn (u64)     | a chunk of the key's history   |
 //! | `vv`       | sid, origin (32 B)                   | highest contiguous seq (u64)   |
 //! | `pending`  | sid, origin (32 B), seq (u64)        | canonical CBOR event           |
 //! | `state`    | sid, record key                      | merge state (the `Merge`'s own bytes) |
 //! | `space_meta` | sid, `policy` / `conflicts`        | CBOR [`StoredPolicy`] / u64    |
 //!
-//! A `by_key` value is empty or one byte of flags; [`HISTORY_CONFLICT`] says the key's
-//! frontier held more than one event right after this event was applied, so
-//! `events_since` can report `Applied::conflict` for old events too. (Layout 1 wrote
-//! only empty values, which read as "no flags".)
+//! `by_key` is each key's history and its frontier in one table. The key's events are
+//! recorded in lsn order in *chunks*: one entry per chunk, keyed by the lsn of its first
+//! event, whose value is a run of records, one per event, in LEB128 varints: its lsn
+//! minus the previous record's (0 for the first), the number of the other members of
+//! the key's frontier right after it was applied, and for each of them (ascending) the
+//! event's lsn minus the member's. The event itself is always in that frontier
+//! (nothing applied later can precede it), so the common case, where it alone decides
+//! the key, is a record of 2–4 bytes. The next event of the key is appended to its last
+//! chunk while that chunk is under [`CHUNK_BYTES`], else it starts a new one. So a
+//! key's current frontier is its last record, its frontier as of any lsn the last
+//! record up to it, and "conflict" (the frontier held more than one event) is a record
+//! naming others.
+//!
+//! Why chunks: a commit rewrites every B-tree leaf it touches, and events of keys
+//! spread over the table touch one leaf each. One entry per key instead of one per
+//! event keeps the table, and so the leaves a commit touches, about as small as a
+//! plain key -> frontier table would; and applying an event rewrites in place the
+//! chunk it read, through the same cursor: one leaf and one descent per event, where a
+//! separate history and frontier table would take two of each.
 //!
 //! `state` has entries only in spaces whose policy is a merge. `space_meta/conflicts`
 //! is the number of the space's keys whose frontier holds more than one event; absent
@@ -34,8 +48,8 @@
 use std::ops::Bound;
 
 use heed::types::Bytes;
-use heed::{CommitOrAbort, Database, Env, RoTxn, WithoutTls};
-use weft_crdt::{Event, EventHash, EventId, Frontier, NodeId, PolicyIdentity, VersionVector};
+use heed::{CommitOrAbort, Database, Env, RoTxn, RwTxn, WithoutTls};
+use weft_crdt::{Event, EventHash, EventId, NodeId, PolicyIdentity, VersionVector};
 
 use crate::StoreError;
 
@@ -46,10 +60,12 @@ pub(crate) type SpaceId = u32;
 /// Version of this layout, recorded in `meta` so a future layout can refuse or migrate
 /// an old directory instead of misreading it.
 ///
-/// 2 added `state`, `space_meta` and the `by_key` flags. A layout-1 directory is
-/// upgraded on open (its conflict counters are computed once from `frontier`); a
-/// layout-2 directory is refused by older builds, which would not keep the counters.
-pub(crate) const FORMAT_VERSION: u32 = 2;
+/// 2 added `state`, `space_meta` and conflict flags in `by_key`; 3 folded the
+/// `frontier` table into `by_key`, whose entries became chunks of records that hold
+/// the frontier after each event. Directories of older layouts are refused with
+/// [`StoreError::UnsupportedLayout`]: their `by_key` lacks those frontiers, which only
+/// a replay of the log could fill in.
+pub(crate) const FORMAT_VERSION: u32 = 3;
 
 pub(crate) const META_FORMAT: &[u8] = b"format";
 pub(crate) const META_NODE_ID: &[u8] = b"node_id";
@@ -59,19 +75,25 @@ pub(crate) const META_HLC: &[u8] = b"hlc";
 pub(crate) const SPACE_POLICY: &[u8] = b"policy";
 pub(crate) const SPACE_CONFLICTS: &[u8] = b"conflicts";
 
-/// `by_key` value flag: the key was in conflict right after this event was applied.
-pub(crate) const HISTORY_CONFLICT: u8 = 1;
+/// Most bytes of a `by_key` chunk that another record is appended to. Small enough to
+/// stay inside a leaf page (LMDB moves values over about half a page to overflow
+/// pages), large enough that a key's history takes few entries: ~150 plain records.
+pub(crate) const CHUNK_BYTES: usize = 512;
 
 /// Longest key any table uses: a `by_key` entry for a key of the maximum length.
 pub(crate) const MAX_TABLE_KEY: usize = 4 + weft_crdt::limits::MAX_KEY_BYTES + 1 + 8;
 
-/// Number of named databases; `max_dbs` is set with room for later tables.
+/// Number of named databases; `max_dbs` is set with room for later tables (and for
+/// the `frontier` table an older layout may still hold).
 pub(crate) const MAX_DBS: u32 = 16;
 
 type Table = Database<'static, Bytes, Bytes>;
 
-/// A key's history entries as `(lsn, conflict flag)`, in either direction.
+/// A key's history as `(lsn, conflict flag)`, in either direction.
 pub(crate) type History<'t> = Box<dyn Iterator<Item = Result<(u64, bool), StoreError>> + 't>;
+
+/// Record keys with the ids of their frontiers.
+pub(crate) type Frontiers = Vec<(Vec<u8>, Vec<EventId>)>;
 
 /// Log entries as `(lsn, encoded event)`, in either direction.
 pub(crate) type LogScan<'t> = Box<dyn Iterator<Item = Result<(u64, &'t [u8]), StoreError>> + 't>;
@@ -84,7 +106,6 @@ pub(crate) struct Tables {
     pub events: Table,
     pub by_id: Table,
     pub by_key: Table,
-    pub frontier: Table,
     pub vv: Table,
     pub pending: Table,
     pub state: Table,
@@ -178,7 +199,8 @@ pub(crate) fn origin_key(sid: SpaceId, origin: &NodeId) -> [u8; 36] {
     k
 }
 
-pub(crate) fn frontier_key(sid: SpaceId, key: &str) -> Vec<u8> {
+/// Key of `state`: the space and the record key.
+pub(crate) fn record_key(sid: SpaceId, key: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(4 + key.len());
     k.extend_from_slice(&sid.to_be_bytes());
     k.extend_from_slice(key.as_bytes());
@@ -205,6 +227,17 @@ pub(crate) fn history_key_bytes(sid: SpaceId, key: &[u8], lsn: u64) -> Vec<u8> {
     k
 }
 
+/// The record key and lsn of a `by_key` key.
+pub(crate) fn split_history_key(k: &[u8]) -> Result<(&[u8], u64), StoreError> {
+    let short = || StoreError::Corrupt("by_key entry key is too short".into());
+    let key = k.get(4..k.len().saturating_sub(9)).ok_or_else(short)?;
+    let lsn = be_u64(
+        k.get(k.len().saturating_sub(8)..).ok_or_else(short)?,
+        "by_key lsn",
+    )?;
+    Ok((key, lsn))
+}
+
 pub(crate) fn decode_event(
     bytes: &[u8],
     what: impl std::fmt::Display,
@@ -212,8 +245,173 @@ pub(crate) fn decode_event(
     Event::decode(bytes).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
 }
 
-pub(crate) fn encode_frontier(f: &Frontier) -> Vec<u8> {
-    encode_cbor(f, 8 + 44 * f.ids().len())
+/// The hash of an event from its canonical encoding: the same as [`Event::hash`]
+/// (blake3 of the encoding), without encoding it again.
+pub(crate) fn hash_of_encoding(bytes: &[u8]) -> EventHash {
+    EventHash(*blake3::hash(bytes).as_bytes())
+}
+
+/// One event's record in a `by_key` chunk: its lsn and the lsns of the other members
+/// of its key's frontier right after it was applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Record {
+    pub lsn: u64,
+    pub others: Vec<u64>,
+}
+
+impl Record {
+    /// True when the key's frontier held more than this event.
+    pub fn conflict(&self) -> bool {
+        !self.others.is_empty()
+    }
+
+    /// Appends the record to a chunk value; `prev` is the previous record's lsn in the
+    /// chunk (the chunk's first lsn for its first record).
+    pub fn encode_into(&self, prev: u64, out: &mut Vec<u8>) -> Result<(), StoreError> {
+        let bad = || {
+            StoreError::Corrupt(format!(
+                "history record of lsn {} is out of order",
+                self.lsn
+            ))
+        };
+        put_varint(out, self.lsn.checked_sub(prev).ok_or_else(bad)?);
+        put_varint(out, self.others.len() as u64);
+        for &other in &self.others {
+            let back = self.lsn.checked_sub(other).filter(|d| *d > 0);
+            put_varint(out, back.ok_or_else(bad)?);
+        }
+        Ok(())
+    }
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn get_varint(b: &[u8], at: &mut usize) -> Option<u64> {
+    let mut v: u64 = 0;
+    for shift in (0..64).step_by(7) {
+        let byte = *b.get(*at)?;
+        *at += 1;
+        let part = u64::from(byte & 0x7f);
+        // The tenth byte may only hold the 64th bit.
+        if shift == 63 && part > 1 {
+            return None;
+        }
+        v |= part << shift;
+        if byte & 0x80 == 0 {
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// Reads the records of a chunk starting at lsn `first`, handing each one's lsn, the
+/// offset of its others and their count to `each`.
+fn walk_chunk(
+    first: u64,
+    v: &[u8],
+    what: impl std::fmt::Display,
+    mut each: impl FnMut(u64, usize, usize),
+) -> Result<(), StoreError> {
+    let bad = || {
+        StoreError::Corrupt(format!(
+            "history chunk of {what} at lsn {first} is malformed"
+        ))
+    };
+    let mut at = 0;
+    let mut lsn = first;
+    let mut records = 0usize;
+    while at < v.len() {
+        let delta = get_varint(v, &mut at).ok_or_else(bad)?;
+        // The first record is at the chunk's lsn, each later one past the one before.
+        if (records > 0) != (delta > 0) {
+            return Err(bad());
+        }
+        lsn = lsn.checked_add(delta).ok_or_else(bad)?;
+        let n = get_varint(v, &mut at).ok_or_else(bad)?;
+        let others = at;
+        for _ in 0..n {
+            get_varint(v, &mut at).ok_or_else(bad)?;
+        }
+        each(lsn, others, usize::try_from(n).map_err(|_| bad())?);
+        records += 1;
+    }
+    if records == 0 {
+        return Err(bad());
+    }
+    Ok(())
+}
+
+/// The other frontier members a record names, from their offset in the chunk.
+fn others_at(v: &[u8], lsn: u64, mut at: usize, n: usize) -> Result<Vec<u64>, StoreError> {
+    let bad = || StoreError::Corrupt(format!("history record of lsn {lsn} is malformed"));
+    (0..n)
+        .map(|_| {
+            let back = get_varint(v, &mut at).ok_or_else(bad)?;
+            lsn.checked_sub(back).filter(|_| back > 0).ok_or_else(bad)
+        })
+        .collect()
+}
+
+/// The records of a `by_key` chunk starting at lsn `first`, in order.
+pub(crate) fn decode_chunk(
+    first: u64,
+    v: &[u8],
+    what: impl std::fmt::Display,
+) -> Result<Vec<Record>, StoreError> {
+    let mut places = Vec::new();
+    walk_chunk(first, v, what, |lsn, at, n| places.push((lsn, at, n)))?;
+    places
+        .into_iter()
+        .map(|(lsn, at, n)| {
+            Ok(Record {
+                lsn,
+                others: others_at(v, lsn, at, n)?,
+            })
+        })
+        .collect()
+}
+
+/// The last record of a `by_key` chunk starting at lsn `first`: the only one whose
+/// others are decoded.
+pub(crate) fn last_record(
+    first: u64,
+    v: &[u8],
+    what: impl std::fmt::Display,
+) -> Result<Record, StoreError> {
+    let mut last = (first, 0, 0);
+    walk_chunk(first, v, what, |lsn, at, n| last = (lsn, at, n))?;
+    let (lsn, at, n) = last;
+    Ok(Record {
+        lsn,
+        others: others_at(v, lsn, at, n)?,
+    })
+}
+
+/// The id of an event read from the start of its canonical encoding, the CBOR array
+/// `[1, origin, seq, ...]` (see `weft_crdt::event`), without decoding the rest. `None`
+/// when the bytes do not start that way; callers then decode the whole event.
+pub(crate) fn id_of_encoding(b: &[u8]) -> Option<EventId> {
+    // An array of 12, version 1, a byte string of 32.
+    if b.get(..4)? != [0x8c, 0x01, 0x58, 0x20] {
+        return None;
+    }
+    let origin: [u8; 32] = b.get(4..36)?.try_into().ok()?;
+    let (&head, rest) = b.get(36..)?.split_first()?;
+    let seq = match head {
+        0x00..=0x17 => u64::from(head),
+        0x18 => u64::from(*rest.first()?),
+        0x19 => u64::from(u16::from_be_bytes(rest.get(..2)?.try_into().ok()?)),
+        0x1a => u64::from(u32::from_be_bytes(rest.get(..4)?.try_into().ok()?)),
+        0x1b => u64::from_be_bytes(rest.get(..8)?.try_into().ok()?),
+        _ => return None,
+    };
+    Some(EventId::new(NodeId::from_bytes(origin), seq))
 }
 
 pub(crate) fn encode_cbor(value: &impl serde::Serialize, capacity: usize) -> Vec<u8> {
@@ -222,13 +420,6 @@ pub(crate) fn encode_cbor(value: &impl serde::Serialize, capacity: usize) -> Vec
     ciborium::into_writer(value, &mut out)
         .unwrap_or_else(|e| unreachable!("CBOR encoding into a Vec failed: {e}"));
     out
-}
-
-pub(crate) fn decode_frontier(
-    b: &[u8],
-    what: impl std::fmt::Display,
-) -> Result<Frontier, StoreError> {
-    ciborium::from_reader(b).map_err(|e| StoreError::Corrupt(format!("frontier of {what}: {e}")))
 }
 
 impl Tables {
@@ -243,7 +434,6 @@ impl Tables {
                 t("events")?,
                 t("by_id")?,
                 t("by_key")?,
-                t("frontier")?,
                 t("vv")?,
                 t("pending")?,
                 t("state")?,
@@ -251,21 +441,10 @@ impl Tables {
             );
             Ok::<_, heed::Error>(CommitOrAbort::<_, ()>::Commit(all))
         })?;
-        let (spaces, meta, events, by_id, by_key, frontier, vv, pending, state, space_meta) = made
+        let all = made
             .commit()
             .ok_or_else(|| StoreError::Corrupt("creating the tables was aborted".into()))?;
-        Ok(Tables {
-            spaces,
-            meta,
-            events,
-            by_id,
-            by_key,
-            frontier,
-            vv,
-            pending,
-            state,
-            space_meta,
-        })
+        Ok(Tables::from_parts(all))
     }
 
     /// Opens the tables of an existing store without creating anything, for the
@@ -283,7 +462,6 @@ impl Tables {
                 t("events")?,
                 t("by_id")?,
                 t("by_key")?,
-                t("frontier")?,
                 t("vv")?,
                 t("pending")?,
                 t("state")?,
@@ -291,22 +469,36 @@ impl Tables {
             );
             Ok::<_, StoreError>(CommitOrAbort::<_, ()>::Commit(all))
         })?;
-        let (spaces, meta, events, by_id, by_key, frontier, vv, pending, state, space_meta) =
-            opened
-                .commit()
-                .ok_or_else(|| StoreError::Corrupt("opening the tables was aborted".into()))?;
-        Ok(Tables {
+        let all = opened
+            .commit()
+            .ok_or_else(|| StoreError::Corrupt("opening the tables was aborted".into()))?;
+        Ok(Tables::from_parts(all))
+    }
+
+    fn from_parts(
+        (spaces, meta, events, by_id, by_key, vv, pending, state, space_meta): (
+            Table,
+            Table,
+            Table,
+            Table,
+            Table,
+            Table,
+            Table,
+            Table,
+            Table,
+        ),
+    ) -> Tables {
+        Tables {
             spaces,
             meta,
             events,
             by_id,
             by_key,
-            frontier,
             vv,
             pending,
             state,
             space_meta,
-        })
+        }
     }
 
     /// Every space with its id, for loading the writer's cache.
@@ -364,27 +556,155 @@ impl Tables {
             .transpose()
     }
 
-    pub fn frontier(&self, txn: &RoTxn, sid: SpaceId, key: &str) -> Result<Frontier, StoreError> {
-        match self.frontier.get(txn, &frontier_key(sid, key))? {
-            Some(b) => decode_frontier(b, format_args!("{key:?}")),
-            None => Ok(Frontier::new()),
-        }
-    }
-
-    /// Every key of the space with its frontier, in key (byte) order.
-    pub fn frontiers<'t>(
+    /// The last chunk of `key`'s history that starts at or before `to`: the lsn it
+    /// starts at and its bytes.
+    pub fn chunk_at<'t>(
         &self,
         txn: &'t RoTxn,
         sid: SpaceId,
-    ) -> Result<impl Iterator<Item = Result<(&'t [u8], Frontier), StoreError>> + 't, StoreError>
-    {
-        let iter = self.frontier.prefix_iter(txn, &sid.to_be_bytes())?;
-        Ok(iter.map(|entry| {
-            let (k, v) = entry?;
-            let key = &k[4..];
-            let frontier = decode_frontier(v, format_args!("{:?}", String::from_utf8_lossy(key)))?;
-            Ok((key, frontier))
-        }))
+        key: &[u8],
+        to: u64,
+    ) -> Result<Option<(u64, &'t [u8])>, StoreError> {
+        let start = history_key_bytes(sid, key, 0);
+        let end = history_key_bytes(sid, key, to);
+        let range = (Bound::Included(&start[..]), Bound::Included(&end[..]));
+        match self.by_key.rev_range(txn, &range)?.next() {
+            Some(entry) => {
+                let (k, v) = entry?;
+                Ok(Some((split_history_key(k)?.1, v)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Records the next event of `key`: appends `record` to the key's last chunk,
+    /// rewritten in place through the cursor that found it (one B-tree descent), or
+    /// starts a new chunk when that one is full or the key has none. Returns whether
+    /// the key's previous record was a conflict.
+    pub fn push_history(
+        &self,
+        txn: &mut RwTxn,
+        sid: SpaceId,
+        key: &str,
+        record: &Record,
+    ) -> Result<bool, StoreError> {
+        let start = history_key_bytes(sid, key.as_bytes(), 0);
+        let end = history_key_bytes(sid, key.as_bytes(), u64::MAX);
+        let range = (Bound::Included(&start[..]), Bound::Included(&end[..]));
+        let mut chunks = self.by_key.rev_range_mut(txn, &range)?;
+        let last = match chunks.next() {
+            Some(entry) => {
+                let (k, v) = entry?;
+                Some((split_history_key(k)?.1, k.to_vec(), v.to_vec()))
+            }
+            None => None,
+        };
+        let was_conflict = match last {
+            Some((first, k, mut chunk)) => {
+                let prev = last_record(first, &chunk, format_args!("{key:?}"))?;
+                if chunk.len() < CHUNK_BYTES {
+                    record.encode_into(prev.lsn, &mut chunk)?;
+                    // SAFETY: nothing borrowed from the map is used across this write:
+                    // the key and the chunk were copied out above.
+                    unsafe { chunks.put_current(&k, &chunk)? };
+                    return Ok(prev.conflict());
+                }
+                prev.conflict()
+            }
+            None => false,
+        };
+        drop(chunks);
+        let mut chunk = Vec::with_capacity(16);
+        record.encode_into(record.lsn, &mut chunk)?;
+        self.by_key
+            .put(txn, &history_key(sid, key, record.lsn), &chunk)?;
+        Ok(was_conflict)
+    }
+
+    /// The record of `key`'s last event with lsn at most `to`.
+    pub fn last_history(
+        &self,
+        txn: &RoTxn,
+        sid: SpaceId,
+        key: &[u8],
+        to: u64,
+    ) -> Result<Option<Record>, StoreError> {
+        let Some((first, chunk)) = self.chunk_at(txn, sid, key, to)? else {
+            return Ok(None);
+        };
+        let what = String::from_utf8_lossy(key);
+        let records = decode_chunk(first, chunk, format_args!("{what:?}"))?;
+        Ok(records.into_iter().take_while(|r| r.lsn <= to).last())
+    }
+
+    /// The lsns of the frontier of `key` right after the event at `to` (or the latest
+    /// before it) was applied, ascending; empty when the key had no events by then.
+    pub fn frontier_lsns_at(
+        &self,
+        txn: &RoTxn,
+        sid: SpaceId,
+        key: &[u8],
+        to: u64,
+    ) -> Result<Vec<u64>, StoreError> {
+        Ok(match self.last_history(txn, sid, key, to)? {
+            Some(Record { lsn, mut others }) => {
+                others.push(lsn);
+                others.sort_unstable();
+                others
+            }
+            None => Vec::new(),
+        })
+    }
+
+    /// The events of that frontier (see [`Tables::frontier_lsns_at`]), sorted by id.
+    pub fn frontier_events_at(
+        &self,
+        txn: &RoTxn,
+        sid: SpaceId,
+        key: &str,
+        to: u64,
+    ) -> Result<Vec<Event>, StoreError> {
+        let mut events = self
+            .frontier_lsns_at(txn, sid, key.as_bytes(), to)?
+            .into_iter()
+            .map(|lsn| self.event_at(txn, sid, lsn))
+            .collect::<Result<Vec<_>, _>>()?;
+        events.sort_by_key(Event::id);
+        Ok(events)
+    }
+
+    /// The id of the event at `lsn`, which an index says exists.
+    pub fn id_at(&self, txn: &RoTxn, sid: SpaceId, lsn: u64) -> Result<EventId, StoreError> {
+        let bytes = self
+            .events
+            .get(txn, &event_key(sid, lsn))?
+            .ok_or_else(|| StoreError::Corrupt(format!("an index names missing lsn {lsn}")))?;
+        match id_of_encoding(bytes) {
+            Some(id) => Ok(id),
+            None => Ok(decode_event(bytes, format_args!("event at lsn {lsn}"))?.id()),
+        }
+    }
+
+    /// Every key of the space with the ids of its current frontier (sorted), in key
+    /// (byte) order: two lookups per key (its first entry, then its last) and one per
+    /// frontier member, however long its history.
+    pub fn frontiers(&self, txn: &RoTxn, sid: SpaceId) -> Result<Frontiers, StoreError> {
+        let mut out = Vec::new();
+        let mut from = Vec::new();
+        while let Some(key) = self.next_history_key(txn, sid, &from)? {
+            let mut ids = self
+                .frontier_lsns_at(txn, sid, &key, u64::MAX)?
+                .into_iter()
+                .map(|lsn| self.id_at(txn, sid, lsn))
+                .collect::<Result<Vec<_>, _>>()?;
+            ids.sort_unstable();
+            // Past every entry of this key: its lsns follow a 0x00, and record keys hold
+            // no control characters, so 0x01 sorts after them and before longer keys.
+            from.clone_from(&key);
+            from.push(0x01);
+            out.push((key, ids));
+        }
+        Ok(out)
     }
 
     /// The merge state of `key` (only merge spaces have any).
@@ -422,18 +742,6 @@ impl Tables {
             .map_or(Ok(0), |b| be_u64(b, "conflict count"))
     }
 
-    /// Counts the conflicted keys by reading every frontier: the upgrade from layout 1,
-    /// which kept no counter.
-    pub fn count_conflicts(&self, txn: &RoTxn, sid: SpaceId) -> Result<u64, StoreError> {
-        let mut n = 0;
-        for entry in self.frontiers(txn, sid)? {
-            if entry?.1.is_conflict() {
-                n += 1;
-            }
-        }
-        Ok(n)
-    }
-
     /// Whether the key was in conflict right after the event at `lsn` was applied.
     pub fn history_conflict(
         &self,
@@ -442,34 +750,12 @@ impl Tables {
         key: &str,
         lsn: u64,
     ) -> Result<bool, StoreError> {
-        let flags = self
-            .by_key
-            .get(txn, &history_key(sid, key, lsn))?
-            .ok_or_else(|| {
-                StoreError::Corrupt(format!("event at lsn {lsn} missing from by_key"))
-            })?;
-        Ok(flags.first().is_some_and(|f| f & HISTORY_CONFLICT != 0))
-    }
-
-    /// The applied event with this id.
-    pub fn event_by_id(
-        &self,
-        txn: &RoTxn,
-        sid: SpaceId,
-        id: &EventId,
-    ) -> Result<Event, StoreError> {
-        let entry = self
-            .id_entry(txn, sid, &id.origin, id.seq)?
-            .ok_or_else(|| {
-                StoreError::Corrupt(format!("frontier names {id}, which is not in the log"))
-            })?;
-        let bytes = self
-            .events
-            .get(txn, &event_key(sid, entry.lsn))?
-            .ok_or_else(|| {
-                StoreError::Corrupt(format!("by_id points {id} at missing lsn {}", entry.lsn))
-            })?;
-        decode_event(bytes, format_args!("event at lsn {}", entry.lsn))
+        match self.last_history(txn, sid, key.as_bytes(), lsn)? {
+            Some(r) if r.lsn == lsn => Ok(r.conflict()),
+            _ => Err(StoreError::Corrupt(format!(
+                "event at lsn {lsn} missing from by_key"
+            ))),
+        }
     }
 
     /// Applied events with lsn >= `from`, ascending, as raw bytes with their lsn.
@@ -548,8 +834,9 @@ impl Tables {
         decode_event(bytes, format_args!("event at lsn {lsn}"))
     }
 
-    /// One key's history entries with `from <= lsn <= to`, in lsn order (descending if
-    /// `descending`), as `(lsn, conflict flag)`.
+    /// One key's history with `from <= lsn <= to`, in lsn order (descending if
+    /// `descending`), as `(lsn, conflict flag)`. Lazy: chunks are read as the
+    /// iterator reaches them.
     pub fn history<'t>(
         &self,
         txn: &'t RoTxn,
@@ -559,19 +846,42 @@ impl Tables {
         to: u64,
         descending: bool,
     ) -> Result<History<'t>, StoreError> {
-        let start = history_key_bytes(sid, key, from);
-        let end = history_key_bytes(sid, key, to);
-        let range = (Bound::Included(&start[..]), Bound::Included(&end[..]));
-        let parse = |entry: Result<(&[u8], &[u8]), heed::Error>| {
-            let (k, v) = entry?;
-            let lsn = be_u64(&k[k.len().saturating_sub(8)..], "by_key lsn")?;
-            Ok((lsn, v.first().is_some_and(|f| f & HISTORY_CONFLICT != 0)))
+        let what = String::from_utf8_lossy(key).into_owned();
+        let records = move |entry: Result<(&[u8], &[u8]), heed::Error>| {
+            let chunk = entry.map_err(StoreError::from).and_then(|(k, v)| {
+                decode_chunk(split_history_key(k)?.1, v, format_args!("{what:?}"))
+            });
+            match chunk {
+                Ok(records) => records
+                    .into_iter()
+                    .map(|r| Ok((r.lsn, r.conflict())))
+                    .collect::<Vec<_>>(),
+                Err(e) => vec![Err(e)],
+            }
         };
-        Ok(if descending {
-            Box::new(self.by_key.rev_range(txn, &range)?.map(parse))
-        } else {
-            Box::new(self.by_key.range(txn, &range)?.map(parse))
-        })
+        let end = history_key_bytes(sid, key, to);
+        if descending {
+            let start = history_key_bytes(sid, key, 0);
+            let range = (Bound::Included(&start[..]), Bound::Included(&end[..]));
+            let iter = self.by_key.rev_range(txn, &range)?;
+            return Ok(Box::new(
+                iter.flat_map(move |entry| records(entry).into_iter().rev())
+                    .filter(move |r| r.as_ref().map_or(true, |(lsn, _)| *lsn <= to))
+                    .take_while(move |r| r.as_ref().map_or(true, |(lsn, _)| *lsn >= from)),
+            ));
+        }
+        // The chunk holding `from` may start before it.
+        let start = match self.chunk_at(txn, sid, key, from)? {
+            Some((first, _)) => history_key_bytes(sid, key, first),
+            None => history_key_bytes(sid, key, from),
+        };
+        let range = (Bound::Included(&start[..]), Bound::Included(&end[..]));
+        let iter = self.by_key.range(txn, &range)?;
+        Ok(Box::new(
+            iter.flat_map(records)
+                .filter(move |r| r.as_ref().map_or(true, |(lsn, _)| *lsn >= from))
+                .take_while(move |r| r.as_ref().map_or(true, |(lsn, _)| *lsn <= to)),
+        ))
     }
 
     /// The first record key at or after `from` (a record key or a prefix of one) that
@@ -594,9 +904,6 @@ impl Tables {
         if !k.starts_with(&sid.to_be_bytes()) {
             return Ok(None);
         }
-        let key = k
-            .get(4..k.len().saturating_sub(9))
-            .ok_or_else(|| StoreError::Corrupt("by_key entry is too short".into()))?;
-        Ok(Some(key.to_vec()))
+        Ok(Some(split_history_key(k)?.0.to_vec()))
     }
 }

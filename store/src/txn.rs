@@ -3,10 +3,12 @@
 //! A transaction is `n` consecutive events of one origin (seqs `first..first + n`),
 //! written by [`crate::Store::append_transaction`] in one writer command, so locally
 //! they commit together or not at all. Replicas must never show part of one either.
-//! Each of its events carries, in its signed `meta`, the reserved entry
+//! Each of its events carries, in its `meta`, the reserved entry
 //! `weft.txn = "<first>/<n>"`. Every event names the whole group, not just the first:
 //! whichever piece reaches a replica first, the replica knows exactly which ids
-//! complete it, and the signature stops anyone but the origin from changing that.
+//! complete it, and the origin's signature stops anyone else from changing that (the
+//! group's last event is always signed, and vouches for the others through their
+//! `prev` hashes).
 //!
 //! On ingest, tagged events are always parked first; the release of parked events
 //! applies a group only when the event at `first` is causally ready and every member is

@@ -1,22 +1,44 @@
 //! The writer thread: the only code that writes to LMDB.
 //!
 //! Ownership: one `std::thread` owns the write side of the environment, the signing
-//! key, the hybrid logical clock and a cache of every space's version vector and last
-//! lsn (loaded on open, so an append never scans). Nothing else mutates any of it.
-//! Readers use their own read transactions and never see a half-applied command,
-//! because LMDB shows them only committed transactions.
+//! key, the hybrid logical clock and a cache of every space's state: version vector,
+//! last lsn, conflict count, the hash of each origin's newest applied event, the size
+//! of the pending set, and this node's run of unsigned events (loaded on open, so an
+//! append never reads what it can know). Nothing else mutates any of it. Readers use
+//! their own read transactions and never see a half-applied command, because LMDB
+//! shows them only committed transactions.
 //!
 //! Data flow: `Store::append`/`Store::ingest` send a [`Command`] on a bounded tokio
 //! channel (`StoreConfig::writer_queue`), each with a oneshot for its answer; remote
-//! events are already verified by then (see `verify`). The thread blocks on the
-//! channel, then drains up to `StoreConfig::max_batch` queued commands and runs them in
-//! ONE write transaction (group commit: one fsync for many writes). Each command runs
-//! in its own nested transaction; a command that fails (an invalid write, a rejected
-//! ingest, even an LMDB error) aborts only its nested transaction and has its cache
-//! changes rolled back, so it never poisons the rest of the batch. After the outer
-//! commit is durable the thread broadcasts every applied event and answers every
-//! command; if that commit fails, every command of the batch gets the error and the
-//! cache is reloaded from disk. No answer is sent before its data is durable.
+//! events are already verified, encoded and hashed by then (see `verify`). The thread
+//! blocks on the channel, drains what is queued (up to `StoreConfig::max_batch`) and
+//! runs it in ONE write transaction (group commit: one fsync for many writes).
+//!
+//! Batch formation: writers that await each answer come back together right after a
+//! commit, but not all at once. When fewer commands are queued than the previous batch
+//! held, and that batch was answered moments ago, the thread waits up to [`LINGER`]
+//! for the rest, so a steady set of writers shares one commit instead of splitting
+//! into cohorts that each pay an fsync.
+//!
+//! Per commit, not per event: the version vector entries and conflict counters a batch
+//! changed, and the HLC, are written once at its end. Local events are signed once per
+//! commit: each is sealed unsigned when written, and before the commit the newest local
+//! event of each space is re-sealed with a signature (its hash changes, but nothing
+//! chains to it yet), so every stored chain head of this node is signed and vouches for
+//! the unsigned ones before it through their `prev` hashes. Every
+//! [`MAX_UNSIGNED_RUN`]th consecutive event and the last event of a transaction are
+//! signed when written.
+//!
+//! Failures: commands run directly in the batch's transaction. Checks that can refuse a
+//! command without writing (a value the space's merge refuses, a policy mismatch) run
+//! first and just answer that command. Any other failure of a command in a batch of
+//! several (a rejected ingest, an invalid clock, an LMDB error) aborts the transaction,
+//! reloads the cache from disk and runs the batch again with each command in its own
+//! nested transaction, which a failing command aborts alone (with its cache changes
+//! rolled back), so it never poisons the rest of the batch. After the outer commit is
+//! durable the thread broadcasts every applied event and answers every command; if that
+//! commit fails, every command of the batch gets the error and the cache is reloaded
+//! from disk. No answer is sent before its data is durable.
 //!
 //! Durability and growth: in relaxed mode the thread also flushes (`force_sync`) at
 //! most every `flush_every` while it has unflushed commits, waking up for it when idle.
@@ -32,13 +54,16 @@
 //! Shutdown: when the last `Store` handle drops, the channel closes, the thread
 //! finishes its batch and exits; `Store`'s drop joins it.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::borrow::Borrow;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use heed::{Env, PutFlags, RwTxn, WithoutTls};
 use tokio::sync::{broadcast, mpsc, oneshot};
+use weft_crdt::limits::MAX_UNSIGNED_RUN;
 use weft_crdt::sync;
 use weft_crdt::{
     Event, EventError, EventHash, EventId, Hlc, HlcClock, Merge, NodeId, Policy, Readiness,
@@ -47,11 +72,20 @@ use weft_crdt::{
 
 use crate::map::{self, MapControl};
 use crate::tables::{
-    decode_event, encode_cbor, encode_frontier, event_key, frontier_key, history_key, id_key,
-    origin_key, space_meta_key, IdEntry, SpaceId, StoredPolicy, Tables, HISTORY_CONFLICT, META_HLC,
-    SPACE_CONFLICTS, SPACE_POLICY,
+    decode_event, encode_cbor, event_key, hash_of_encoding, id_key, origin_key, record_key,
+    space_meta_key, IdEntry, Record, SpaceId, StoredPolicy, Tables, META_HLC, SPACE_CONFLICTS,
+    SPACE_POLICY,
 };
 use crate::{Applied, Durability, IngestOutcome, StoreError, Write};
+
+/// Longest the thread waits for the writers of the previous batch to come back before
+/// it commits without them. Far below one commit's cost (an fsync of ~0.3–10 ms here),
+/// which is what a writer that misses the batch pays.
+pub(crate) const LINGER: Duration = Duration::from_micros(300);
+
+/// Lingering only follows a batch answered at most this long ago: after a quiet spell
+/// the first command is committed at once.
+const LINGER_AFTER: Duration = Duration::from_millis(2);
 
 /// A request to the writer, with the channel its answer goes back on.
 pub(crate) enum Command {
@@ -62,8 +96,10 @@ pub(crate) enum Command {
     },
     Ingest {
         space: SpaceName,
-        /// Already validated and signature-checked.
+        /// Already validated and authenticated.
         events: Vec<Event>,
+        /// The encoding and hash of each event, in the same order.
+        prepared: Vec<Prepared>,
         reply: oneshot::Sender<Result<IngestOutcome, StoreError>>,
     },
     Configure {
@@ -90,8 +126,32 @@ impl Command {
     }
 }
 
-/// The writer's cached view of one space; always equal to what its committed (or
-/// current batch's) tables say.
+/// A remote event's canonical encoding and hash, computed off the writer thread
+/// (alongside verification), so the writer neither encodes nor hashes it.
+pub(crate) struct Prepared {
+    pub bytes: Vec<u8>,
+    pub hash: EventHash,
+}
+
+impl Prepared {
+    pub fn of(event: &Event) -> Prepared {
+        let bytes = event.encode();
+        let hash = hash_of_encoding(&bytes);
+        Prepared { bytes, hash }
+    }
+}
+
+/// An ingested event with its position in the command, for the sync core's ordering.
+struct Item<'a>(&'a Event, usize);
+
+impl Borrow<Event> for Item<'_> {
+    fn borrow(&self) -> &Event {
+        self.0
+    }
+}
+
+/// The writer's cached view of one space; always equal to what its committed tables
+/// say plus what the current batch wrote (the `*_dirty` parts are written at its end).
 #[derive(Clone, Debug)]
 struct SpaceState {
     sid: SpaceId,
@@ -101,16 +161,37 @@ struct SpaceState {
     conflicts: u64,
     /// `space_meta/policy`.
     stored: Option<StoredPolicy>,
+    /// The hash of each origin's newest applied event (the one at `vv[origin]`): what
+    /// its next event's `prev` must be.
+    heads: HashMap<NodeId, EventHash>,
+    /// Events of the space in the pending set.
+    pending: u64,
+    /// Origins whose `vv` entry this batch changed.
+    vv_dirty: BTreeSet<NodeId>,
+    /// This batch changed `conflicts`.
+    conflicts_dirty: bool,
+    /// The lsn of this node's newest event in the space when this batch wrote it
+    /// unsigned: it is signed before the commit.
+    unsigned_head: Option<u64>,
+    /// This node's consecutive unsigned events at the head of its chain.
+    unsigned_run: usize,
 }
 
 /// How one try at a batch ended.
 enum Attempt {
     /// LMDB ran out of map; nothing was committed.
     MapFull,
-    /// Opening or committing the transaction failed; nothing was committed.
-    Failed(Arc<heed::Error>),
-    /// Every command failed on its own, so the transaction was aborted.
-    NothingCommitted(Vec<Result<Done, StoreError>>),
+    /// Opening, finishing or committing the transaction failed; nothing was committed.
+    Failed(StoreError),
+    /// A command failed after writing, with others in the batch: nothing was committed,
+    /// and the batch must run again with each command isolated.
+    Isolate,
+    /// Every command failed (or the only one did), so the transaction was aborted.
+    /// `touched`: a command failed after changing the cache, which must be reloaded.
+    NothingCommitted {
+        results: Vec<Result<Done, StoreError>>,
+        touched: bool,
+    },
     /// Committed (and durable in full mode); one result per command, in order.
     Committed(Vec<Result<Done, StoreError>>),
 }
@@ -121,6 +202,17 @@ enum Done {
     Ingest(IngestOutcome),
     Configure,
     Transaction(Vec<Applied>),
+}
+
+impl Done {
+    fn applied_mut(&mut self) -> &mut [Applied] {
+        match self {
+            Done::Append(a) => std::slice::from_mut(a.as_mut()),
+            Done::Ingest(o) => &mut o.applied,
+            Done::Transaction(all) => all,
+            Done::Configure => &mut [],
+        }
+    }
 }
 
 pub(crate) struct Writer {
@@ -137,6 +229,9 @@ pub(crate) struct Writer {
     /// so they can be written with `PutFlags::APPEND`.
     max_sid: SpaceId,
     max_batch: usize,
+    /// Commands in the previous batch and when it was answered, for lingering.
+    last_batch: usize,
+    last_answered: Instant,
     applied_tx: broadcast::Sender<Arc<Applied>>,
     map: Arc<MapControl>,
     /// `Some` in relaxed mode: the longest a commit may stay unflushed.
@@ -158,6 +253,52 @@ fn wall_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// Wakes the writer thread parked in [`recv_until`].
+struct Unpark(std::thread::Thread);
+
+impl Wake for Unpark {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+enum Received {
+    Command(Command),
+    Closed,
+    TimedOut,
+}
+
+/// A blocking receive with an optional deadline, at microsecond resolution (tokio's
+/// timers tick in milliseconds, too coarse for [`LINGER`]). The channel's waker unparks
+/// this thread; spurious wake-ups just poll again.
+fn recv_until(
+    commands: &mut mpsc::Receiver<Command>,
+    waker: &Waker,
+    deadline: Option<Instant>,
+) -> Received {
+    let mut cx = Context::from_waker(waker);
+    loop {
+        match commands.poll_recv(&mut cx) {
+            Poll::Ready(Some(c)) => return Received::Command(c),
+            Poll::Ready(None) => return Received::Closed,
+            Poll::Pending => match deadline {
+                None => std::thread::park(),
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        return Received::TimedOut;
+                    }
+                    std::thread::park_timeout(d - now);
+                }
+            },
+        }
+    }
 }
 
 impl Writer {
@@ -182,6 +323,8 @@ impl Writer {
             policies: HashMap::new(),
             max_sid: 0,
             max_batch: max_batch.max(1),
+            last_batch: 0,
+            last_answered: Instant::now(),
             applied_tx,
             map: Arc::new(MapControl::new(env_for_map, usize::MAX)),
             flush_every: None,
@@ -194,17 +337,33 @@ impl Writer {
 
     fn reload(&mut self) -> Result<(), StoreError> {
         let txn = self.env.read_txn()?;
+        let t = &self.tables;
         let mut spaces = HashMap::new();
         let mut max_sid = 0;
-        for (name, sid) in self.tables.all_spaces(&txn)? {
+        for (name, sid) in t.all_spaces(&txn)? {
             let name = SpaceName::new(name)
                 .map_err(|e| StoreError::Corrupt(format!("stored space name: {e}")))?;
+            let vv = t.version_vector(&txn, sid)?;
+            let mut heads = HashMap::with_capacity(vv.len());
+            for (origin, seq) in vv.iter() {
+                let entry = t.id_entry(&txn, sid, origin, seq)?.ok_or_else(|| {
+                    StoreError::Corrupt(format!("applied event {origin}:{seq} missing from by_id"))
+                })?;
+                heads.insert(*origin, entry.hash);
+            }
             let state = SpaceState {
                 sid,
-                vv: self.tables.version_vector(&txn, sid)?,
-                last_lsn: self.tables.last_lsn(&txn, sid)?,
-                conflicts: self.tables.conflicts(&txn, sid)?,
-                stored: self.tables.stored_policy(&txn, sid)?,
+                vv,
+                last_lsn: t.last_lsn(&txn, sid)?,
+                conflicts: t.conflicts(&txn, sid)?,
+                stored: t.stored_policy(&txn, sid)?,
+                heads,
+                pending: t.pending_count(&txn, sid)?,
+                vv_dirty: BTreeSet::new(),
+                conflicts_dirty: false,
+                // Every commit signs this node's newest event in each space.
+                unsigned_head: None,
+                unsigned_run: 0,
             };
             max_sid = max_sid.max(sid);
             spaces.insert(name, state);
@@ -231,47 +390,36 @@ impl Writer {
 
     /// Runs until every sender is dropped.
     pub fn run(mut self, mut commands: mpsc::Receiver<Command>) {
-        // In relaxed mode the thread must wake up to flush even when no command comes;
-        // tokio's channel has no blocking receive with a timeout, so a tiny
-        // current-thread runtime provides one. If it cannot be built, every batch is
-        // flushed at once instead (more durable, never less).
-        let timer = self.flush_every.and_then(|_| {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_time()
-                .build()
-                .map_err(|e| tracing::warn!("store writer: no timer, flushing every batch: {e}"))
-                .ok()
-        });
-        if self.flush_every.is_some() && timer.is_none() {
-            self.flush_every = Some(Duration::ZERO);
-        }
+        let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
         loop {
-            let next = match (&timer, self.flush_deadline()) {
-                (Some(rt), Some(deadline)) => {
-                    let deadline = tokio::time::Instant::from_std(deadline);
-                    // The timer must be created inside the runtime, hence the async block.
-                    let recv = rt.block_on(async {
-                        tokio::time::timeout_at(deadline, commands.recv()).await
-                    });
-                    match recv {
-                        Ok(next) => next,
-                        Err(_elapsed) => {
-                            self.flush();
-                            continue;
-                        }
-                    }
+            let first = match recv_until(&mut commands, &waker, self.flush_deadline()) {
+                Received::Command(c) => c,
+                Received::Closed => break,
+                Received::TimedOut => {
+                    self.flush();
+                    continue;
                 }
-                _ => commands.blocking_recv(),
             };
-            let Some(first) = next else { break };
             let mut batch = vec![first];
+            let expected = self.last_batch.min(self.max_batch);
+            let linger =
+                (self.last_answered.elapsed() <= LINGER_AFTER).then(|| Instant::now() + LINGER);
             while batch.len() < self.max_batch {
                 match commands.try_recv() {
                     Ok(c) => batch.push(c),
+                    Err(_) if batch.len() < expected && linger.is_some() => {
+                        match recv_until(&mut commands, &waker, linger) {
+                            Received::Command(c) => batch.push(c),
+                            // A closed channel is seen again by the next receive.
+                            Received::Closed | Received::TimedOut => break,
+                        }
+                    }
                     Err(_) => break,
                 }
             }
+            self.last_batch = batch.len();
             self.run_batch(batch);
+            self.last_answered = Instant::now();
             if self.flush_deadline().is_some_and(|d| d <= Instant::now()) {
                 self.flush();
             }
@@ -305,23 +453,32 @@ impl Writer {
     /// transaction is aborted, the cache put back, the map doubled and the batch run
     /// again from the start: nothing of the failed attempt was committed or answered,
     /// so to the callers it is as if the map had always been large enough.
-    pub(crate) fn run_batch(&mut self, batch: Vec<Command>) {
+    pub(crate) fn run_batch(&mut self, mut batch: Vec<Command>) {
         // Policies are not reloaded from disk, so an aborted attempt restores them from
         // here. Only batches that configure anything pay for the copy.
         let policies_before = batch
             .iter()
             .any(|c| matches!(c, Command::Configure { .. }))
             .then(|| self.policies.clone());
+        let mut isolated = false;
         loop {
-            match self.attempt(&batch) {
+            let attempt = self.attempt(&mut batch, isolated);
+            let clean = matches!(
+                attempt,
+                Attempt::Committed(_) | Attempt::NothingCommitted { touched: false, .. }
+            );
+            if !clean {
+                // Whatever the attempt cached is not on disk.
+                if let Err(e) = self.reload() {
+                    tracing::error!("store writer: reloading state after an aborted batch: {e}");
+                }
+                if let Some(p) = &policies_before {
+                    self.policies = p.clone();
+                }
+            }
+            match attempt {
                 Attempt::MapFull => {
                     self.map.retries.fetch_add(1, Ordering::Relaxed);
-                    if let Err(e) = self.reload() {
-                        tracing::error!("store writer: reloading state after MapFull: {e}");
-                    }
-                    if let Some(p) = &policies_before {
-                        self.policies = p.clone();
-                    }
                     if let Err(e) = self.map.grow() {
                         tracing::error!("store writer: cannot grow the map: {e}");
                         for cmd in batch {
@@ -330,19 +487,14 @@ impl Writer {
                         return;
                     }
                 }
+                Attempt::Isolate => isolated = true,
                 Attempt::Failed(e) => {
                     for cmd in batch {
-                        reply_err(cmd, StoreError::Lmdb(e.clone()));
-                    }
-                    if let Err(e) = self.reload() {
-                        tracing::error!("store writer: reloading state after a failed commit: {e}");
-                    }
-                    if let Some(p) = policies_before {
-                        self.policies = p;
+                        reply_err(cmd, duplicate(&e));
                     }
                     return;
                 }
-                Attempt::NothingCommitted(results) => {
+                Attempt::NothingCommitted { results, .. } => {
                     for (cmd, r) in batch.into_iter().zip(results) {
                         if let Err(e) = r {
                             reply_err(cmd, e);
@@ -365,16 +517,43 @@ impl Writer {
         }
     }
 
-    /// One try at a batch; see [`Writer::run_batch`].
-    fn attempt(&mut self, batch: &[Command]) -> Attempt {
+    /// One try at a batch; see [`Writer::run_batch`]. `isolated` runs each command in
+    /// its own nested transaction.
+    fn attempt(&mut self, batch: &mut [Command], isolated: bool) -> Attempt {
         let env = self.env.clone();
         let mut txn = match env.write_txn() {
             Ok(t) => t,
-            Err(e) => return Attempt::Failed(Arc::new(e)),
+            Err(e) => return Attempt::Failed(e.into()),
         };
         let mut results = Vec::with_capacity(batch.len());
-        for cmd in batch {
-            let result = self.run_isolated(&env, &mut txn, cmd);
+        let alone = batch.len() == 1;
+        for cmd in batch.iter_mut() {
+            let result = if isolated {
+                self.run_isolated(&env, &mut txn, cmd)
+            } else {
+                match self.precheck(cmd) {
+                    // Refused before anything was written or cached.
+                    Err(e) => Err(e),
+                    Ok(()) => match self.run_command(&mut txn, cmd) {
+                        Ok(done) => Ok(done),
+                        Err(e) if map::is_map_full(&e) => {
+                            txn.abort();
+                            return Attempt::MapFull;
+                        }
+                        Err(e) if alone => {
+                            txn.abort();
+                            return Attempt::NothingCommitted {
+                                results: vec![Err(e)],
+                                touched: true,
+                            };
+                        }
+                        Err(_) => {
+                            txn.abort();
+                            return Attempt::Isolate;
+                        }
+                    },
+                }
+            };
             if result.as_ref().err().is_some_and(map::is_map_full) {
                 txn.abort();
                 return Attempt::MapFull;
@@ -382,32 +561,124 @@ impl Writer {
             results.push(result);
         }
         if results.iter().all(Result::is_err) {
+            // Refused by prechecks, or rolled back command by command: the cache is as
+            // it was.
             txn.abort();
-            return Attempt::NothingCommitted(results);
+            return Attempt::NothingCommitted {
+                results,
+                touched: false,
+            };
         }
-        let committed = self
-            .tables
-            .meta
-            .put(&mut txn, META_HLC, &self.hlc.last().0.to_be_bytes())
-            .and_then(|()| txn.commit());
-        match committed {
-            Ok(()) => Attempt::Committed(results),
-            Err(e) if map::is_heed_map_full(&e) => Attempt::MapFull,
+        let signed = match self.finish(&mut txn) {
+            Ok(signed) => signed,
+            Err(e) if map::is_map_full(&e) => {
+                txn.abort();
+                return Attempt::MapFull;
+            }
+            Err(e) => {
+                txn.abort();
+                tracing::error!("store writer: finishing a batch failed: {e}");
+                return Attempt::Failed(e);
+            }
+        };
+        match txn.commit() {
+            Ok(()) => {}
+            Err(e) if map::is_heed_map_full(&e) => return Attempt::MapFull,
             Err(e) => {
                 tracing::error!("store writer: commit failed: {e}");
-                Attempt::Failed(Arc::new(e))
+                return Attempt::Failed(e.into());
             }
         }
+        if !signed.is_empty() {
+            for done in results.iter_mut().flatten() {
+                for a in done.applied_mut() {
+                    if let Some(sig) = signed.get(&(a.event.origin, a.lsn, a.space.clone())) {
+                        a.event.sig = Some(*sig);
+                    }
+                }
+            }
+        }
+        Attempt::Committed(results)
+    }
+
+    /// The end of every batch, in its transaction: signs this node's newest event in
+    /// each space if it was written unsigned, and writes what the cache held back (the
+    /// version vector entries and conflict counts the batch changed, and the HLC).
+    /// Returns the signatures added, by (origin, lsn, space).
+    #[allow(clippy::type_complexity)]
+    fn finish(
+        &mut self,
+        txn: &mut RwTxn,
+    ) -> Result<HashMap<(NodeId, u64, SpaceName), [u8; 64]>, StoreError> {
+        let t = self.tables;
+        let mut signed = HashMap::new();
+        for (space, state) in self.spaces.iter_mut() {
+            let sid = state.sid;
+            if let Some(lsn) = state.unsigned_head.take() {
+                let key = event_key(sid, lsn);
+                let bytes = t.events.get(txn, &key)?.ok_or_else(|| {
+                    StoreError::Corrupt(format!("own event at lsn {lsn} missing"))
+                })?;
+                let e = decode_event(bytes, format_args!("event at lsn {lsn}"))?;
+                let event = UnsignedEvent {
+                    origin: e.origin,
+                    seq: e.seq,
+                    clock: e.clock,
+                    hlc: e.hlc,
+                    key: e.key,
+                    op: e.op,
+                    kind: e.kind,
+                    payload: e.payload,
+                    meta: e.meta,
+                    prev: e.prev,
+                }
+                .sign(space, &self.signing_key);
+                let sig = event
+                    .sig
+                    .ok_or_else(|| StoreError::Corrupt("signing produced no signature".into()))?;
+                let bytes = event.encode();
+                let hash = hash_of_encoding(&bytes);
+                t.events.put(txn, &key, &bytes)?;
+                t.by_id.put(
+                    txn,
+                    &id_key(sid, &event.origin, event.seq),
+                    &IdEntry { lsn, hash }.to_bytes(),
+                )?;
+                state.heads.insert(event.origin, hash);
+                state.unsigned_run = 0;
+                signed.insert((event.origin, lsn, space.clone()), sig);
+            }
+            for origin in std::mem::take(&mut state.vv_dirty) {
+                t.vv.put(
+                    txn,
+                    &origin_key(sid, &origin),
+                    &state.vv.get(&origin).to_be_bytes(),
+                )?;
+            }
+            if std::mem::take(&mut state.conflicts_dirty) {
+                t.space_meta.put(
+                    txn,
+                    &space_meta_key(sid, SPACE_CONFLICTS),
+                    &state.conflicts.to_be_bytes(),
+                )?;
+            }
+        }
+        t.meta
+            .put(txn, META_HLC, &self.hlc.last().0.to_be_bytes())?;
+        Ok(signed)
     }
 
     /// Broadcasts what a committed batch applied, then answers its commands.
     fn answer(&self, batch: Vec<Command>, results: Vec<Result<Done, StoreError>>) {
-        for r in &results {
-            match r {
-                Ok(Done::Append(a)) => self.broadcast(a),
-                Ok(Done::Ingest(o)) => o.applied.iter().for_each(|a| self.broadcast(a)),
-                Ok(Done::Transaction(all)) => all.iter().for_each(|a| self.broadcast(a)),
-                Ok(Done::Configure) | Err(_) => {}
+        // Copies for subscribers only when there are any.
+        if self.applied_tx.receiver_count() > 0 {
+            for r in &results {
+                match r {
+                    Ok(Done::Append(a)) => self.broadcast(a),
+                    Ok(Done::Ingest(o)) => o.applied.iter().for_each(|a| self.broadcast(a)),
+                    Ok(Done::Transaction(all)) => all.iter().for_each(|a| self.broadcast(a)),
+                    Ok(Done::Configure) | Err(_) => {}
+                }
             }
         }
         for (cmd, r) in batch.into_iter().zip(results) {
@@ -436,8 +707,69 @@ impl Writer {
     }
 
     fn broadcast(&self, applied: &Applied) {
-        // No subscribers is fine; lagging subscribers see `RecvError::Lagged`.
+        // Lagging subscribers see `RecvError::Lagged`.
         let _ = self.applied_tx.send(Arc::new(applied.clone()));
+    }
+
+    /// The checks that can refuse a command without writing or caching anything: a
+    /// value the space's merge refuses, a merge space this process has not configured,
+    /// a policy other than the recorded one.
+    fn precheck(&self, cmd: &Command) -> Result<(), StoreError> {
+        match cmd {
+            Command::Append { space, write, .. } => self.check_writes(space, [write]),
+            Command::Transaction { space, writes, .. } => self.check_writes(space, writes),
+            Command::Ingest { space, .. } => self.merge_for(space).map(drop),
+            Command::Configure { space, policy, .. } => {
+                let given = StoredPolicy {
+                    identity: policy.identity(),
+                    merge: matches!(policy, Policy::Merge(_)),
+                };
+                match self.spaces.get(space).and_then(|s| s.stored.as_ref()) {
+                    Some(stored) if *stored != given => Err(StoreError::PolicyMismatch {
+                        space: space.clone(),
+                        stored: stored.identity.clone(),
+                        given: given.identity,
+                    }),
+                    _ => Ok(()),
+                }
+            }
+        }
+    }
+
+    fn check_writes<'w>(
+        &self,
+        space: &SpaceName,
+        writes: impl IntoIterator<Item = &'w Write>,
+    ) -> Result<(), StoreError> {
+        if let Some(m) = self.merge_for(space)? {
+            // Before a seq is taken and anything signed: a value the merge cannot fold
+            // must not be replicated.
+            for w in writes {
+                m.check(w.op, &w.payload)
+                    .map_err(|e| invalid_value(m.as_ref(), &e))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn run_command(&mut self, txn: &mut RwTxn, cmd: &mut Command) -> Result<Done, StoreError> {
+        match cmd {
+            Command::Append { space, write, .. } => self
+                .append_local(txn, space, write, None, false)
+                .map(|a| Done::Append(Box::new(a))),
+            Command::Ingest {
+                space,
+                events,
+                prepared,
+                ..
+            } => self.ingest(txn, space, events, prepared).map(Done::Ingest),
+            Command::Configure { space, policy, .. } => {
+                self.configure(txn, space, policy).map(|()| Done::Configure)
+            }
+            Command::Transaction { space, writes, .. } => {
+                self.transaction(txn, space, writes).map(Done::Transaction)
+            }
+        }
     }
 
     /// Runs one command in a nested transaction; on failure its writes and its cache
@@ -446,38 +778,26 @@ impl Writer {
         &mut self,
         env: &Env<WithoutTls>,
         parent: &mut RwTxn,
-        cmd: &Command,
+        cmd: &mut Command,
     ) -> Result<Done, StoreError> {
-        let space = cmd.space();
-        let saved_space = self.spaces.get(space).cloned();
-        let saved_policy = self.policies.get(space).cloned();
+        self.precheck(cmd)?;
+        let space = cmd.space().clone();
+        let saved_space = self.spaces.get(&space).cloned();
+        let saved_policy = self.policies.get(&space).cloned();
         let saved_max_sid = self.max_sid;
         let mut txn = env.nested_write_txn(parent)?;
-        let result = match cmd {
-            Command::Append { space, write, .. } => self
-                .append(&mut txn, space, write)
-                .map(|a| Done::Append(Box::new(a))),
-            Command::Ingest { space, events, .. } => {
-                self.ingest(&mut txn, space, events).map(Done::Ingest)
-            }
-            Command::Configure { space, policy, .. } => self
-                .configure(&mut txn, space, policy)
-                .map(|()| Done::Configure),
-            Command::Transaction { space, writes, .. } => self
-                .transaction(&mut txn, space, writes)
-                .map(Done::Transaction),
-        };
+        let result = self.run_command(&mut txn, cmd);
         let result = result.and_then(|done| txn.commit().map(|()| done).map_err(Into::into));
         if result.is_err() {
             // The nested txn was dropped uncommitted, which aborts it: its writes are
             // gone from the batch. Only the cache needs putting back.
             match saved_space {
                 Some(s) => self.spaces.insert(space.clone(), s),
-                None => self.spaces.remove(space),
+                None => self.spaces.remove(&space),
             };
             match saved_policy {
-                Some(p) => self.policies.insert(space.clone(), p),
-                None => self.policies.remove(space),
+                Some(p) => self.policies.insert(space, p),
+                None => self.policies.remove(&space),
             };
             self.max_sid = saved_max_sid;
         }
@@ -507,6 +827,12 @@ impl Writer {
                 last_lsn: 0,
                 conflicts: 0,
                 stored: None,
+                heads: HashMap::new(),
+                pending: 0,
+                vv_dirty: BTreeSet::new(),
+                conflicts_dirty: false,
+                unsigned_head: None,
+                unsigned_run: 0,
             },
         );
         self.max_sid = self.max_sid.max(sid);
@@ -515,6 +841,12 @@ impl Writer {
 
     fn state(&self, space: &SpaceName) -> Result<&SpaceState, StoreError> {
         self.spaces.get(space).ok_or_else(|| {
+            StoreError::Corrupt(format!("space {space} missing from the writer's cache"))
+        })
+    }
+
+    fn state_mut(&mut self, space: &SpaceName) -> Result<&mut SpaceState, StoreError> {
+        self.spaces.get_mut(space).ok_or_else(|| {
             StoreError::Corrupt(format!("space {space} missing from the writer's cache"))
         })
     }
@@ -528,7 +860,7 @@ impl Writer {
         match self.policies.get(space) {
             Some(Policy::Merge(m)) => Ok(Some(m.clone())),
             Some(Policy::Resolve(_)) => Ok(None),
-            None => match &self.state(space)?.stored {
+            None => match self.spaces.get(space).and_then(|s| s.stored.as_ref()) {
                 Some(stored) if stored.merge => Err(StoreError::PolicyNotConfigured {
                     space: space.clone(),
                     stored: stored.identity.clone(),
@@ -606,31 +938,15 @@ impl Writer {
             }
         }
         for (key, state) in states {
-            self.tables
-                .state
-                .put(txn, &frontier_key(sid, &key), &state)?;
+            self.tables.state.put(txn, &record_key(sid, &key), &state)?;
         }
         Ok(())
     }
 
-    fn state_mut(&mut self, space: &SpaceName) -> Result<&mut SpaceState, StoreError> {
-        self.spaces.get_mut(space).ok_or_else(|| {
-            StoreError::Corrupt(format!("space {space} missing from the writer's cache"))
-        })
-    }
-
-    fn append(
-        &mut self,
-        txn: &mut RwTxn,
-        space: &SpaceName,
-        write: &Write,
-    ) -> Result<Applied, StoreError> {
-        self.append_tagged(txn, space, write, None)
-    }
-
     /// The writes of a transaction, as consecutive events of this node, each tagged
-    /// with the group (see `txn.rs`). Runs in one nested transaction (`run_isolated`),
-    /// so a write that fails undoes the ones before it and frees their seqs.
+    /// with the group (see `txn.rs`); the last is signed. A write that fails fails the
+    /// command, which then runs isolated (`run_isolated`), so its failure undoes the
+    /// writes before it and frees their seqs.
     fn transaction(
         &mut self,
         txn: &mut RwTxn,
@@ -640,42 +956,41 @@ impl Writer {
         self.ensure_space(txn, space)?;
         let first = self.state(space)?.vv.get(&self.node_id) + 1;
         let tag = crate::txn::tag(first, writes.len() as u64);
+        let last = writes.len().saturating_sub(1);
         writes
             .iter()
-            .map(|w| self.append_tagged(txn, space, w, Some(&tag)))
+            .enumerate()
+            .map(|(i, w)| self.append_local(txn, space, w, Some(&tag), i == last))
             .collect()
     }
 
-    fn append_tagged(
+    /// Writes one local event. It is sealed unsigned unless `sign` is set or it ends a
+    /// run of [`MAX_UNSIGNED_RUN`] events; `finish` signs the batch's last one.
+    fn append_local(
         &mut self,
         txn: &mut RwTxn,
         space: &SpaceName,
         write: &Write,
         txn_tag: Option<&str>,
+        sign: bool,
     ) -> Result<Applied, StoreError> {
         let sid = self.ensure_space(txn, space)?;
         let merge = self.merge_for(space)?;
-        if let Some(m) = &merge {
-            // Before the seq is taken and anything is signed: a value the merge cannot
-            // fold must not be replicated.
-            m.check(write.op, &write.payload)
-                .map_err(|e| invalid_value(m.as_ref(), &e))?;
-        }
+        let me = self.node_id;
         let state = self.state(space)?;
-        let seq = state.vv.get(&self.node_id) + 1;
+        let seq = state.vv.get(&me) + 1;
         let prev = if seq == 1 {
             None
         } else {
-            let entry = self
-                .tables
-                .id_entry(txn, sid, &self.node_id, seq - 1)?
-                .ok_or_else(|| StoreError::Corrupt(format!("own event {} missing", seq - 1)))?;
-            Some(entry.hash)
+            Some(*state.heads.get(&me).ok_or_else(|| {
+                StoreError::Corrupt(format!("hash of own event {} missing", seq - 1))
+            })?)
         };
+        let sign = sign || state.unsigned_run + 1 >= MAX_UNSIGNED_RUN;
         let mut clock = state.vv.as_clock().clone();
-        clock.set(self.node_id, seq);
+        clock.set(me, seq);
         let event = UnsignedEvent {
-            origin: self.node_id,
+            origin: me,
             seq,
             clock,
             hlc: self.hlc.tick(wall_ms()),
@@ -691,26 +1006,54 @@ impl Writer {
                 meta
             },
             prev,
-        }
-        .sign(space, &self.signing_key);
+        };
+        let event = if sign {
+            event.sign(space, &self.signing_key)
+        } else {
+            event.seal_unsigned()
+        };
         // Catches what the caller's fields alone cannot: a clock over its entry limit.
         event.validate().map_err(StoreError::Invalid)?;
-        let hash = event.hash();
-        self.apply(txn, space, sid, event, hash, merge.as_deref(), true)
+        let bytes = event.encode();
+        let hash = hash_of_encoding(&bytes);
+        let applied = self.apply(txn, space, sid, event, &bytes, hash, merge.as_deref(), true)?;
+        let state = self.state_mut(space)?;
+        if sign {
+            state.unsigned_head = None;
+            state.unsigned_run = 0;
+        } else {
+            state.unsigned_head = Some(applied.lsn);
+            state.unsigned_run += 1;
+        }
+        Ok(applied)
     }
 
+    /// Applies what is ready of a verified batch, parks the rest and releases parked
+    /// events that became ready. The events are moved into the outcome (`events` is
+    /// left empty); should the batch run again, they are decoded from `prepared`.
     fn ingest(
         &mut self,
         txn: &mut RwTxn,
         space: &SpaceName,
-        events: &[Event],
+        events: &mut Vec<Event>,
+        prepared: &[Prepared],
     ) -> Result<IngestOutcome, StoreError> {
         let mut out = IngestOutcome::default();
+        if events.len() != prepared.len() {
+            // An earlier attempt at this batch took them.
+            *events = prepared
+                .iter()
+                .map(|p| decode_event(&p.bytes, "an ingested event"))
+                .collect::<Result<_, _>>()?;
+        }
         if events.is_empty() {
             return Ok(out);
         }
+        let mut events: Vec<Option<Event>> = std::mem::take(events).into_iter().map(Some).collect();
         let sid = self.ensure_space(txn, space)?;
         let merge = self.merge_for(space)?;
+        let t = self.tables;
+        let taken = || StoreError::Corrupt("an ingested event was used twice".into());
 
         // Events of transactions are always parked first: `release_pending` applies a
         // transaction only once all its events are parked, all in this command (see
@@ -718,20 +1061,22 @@ impl Writer {
         let mut parked = HashSet::new();
         let mut plain = Vec::with_capacity(events.len());
         let mut tagged_parked = false;
-        for e in events {
+        for (i, e) in events.iter().enumerate() {
+            let e = e.as_ref().ok_or_else(taken)?;
             if !matches!(crate::txn::group_of(e), Ok(Some(_))) {
-                plain.push(e);
+                plain.push(Item(e, i));
                 continue;
             }
             let key = id_key(sid, &e.origin, e.seq);
             if e.readiness(&self.state(space)?.vv) == Readiness::Duplicate
-                || self.tables.pending.get(txn, &key)?.is_some()
+                || t.pending.get(txn, &key)?.is_some()
                 || !parked.insert(e.id())
             {
                 out.duplicates += 1;
                 continue;
             }
-            self.tables.pending.put(txn, &key, &e.encode())?;
+            t.pending.put(txn, &key, &prepared[i].bytes)?;
+            self.state_mut(space)?.pending += 1;
             tagged_parked = true;
         }
 
@@ -740,40 +1085,58 @@ impl Writer {
         // vector exactly as `causal_order` assumed.
         let order = sync::causal_order(&self.state(space)?.vv, plain);
         out.duplicates += order.duplicates;
-        for e in order.ready {
-            let hash = e.hash();
-            if let Err(reason) = self.check_prev(txn, sid, e)? {
+        let ready: Vec<usize> = order.ready.iter().map(|Item(_, i)| *i).collect();
+        let waiting: Vec<usize> = order.waiting.iter().map(|Item(_, i)| *i).collect();
+        out.applied.reserve(ready.len());
+        for i in ready {
+            let e = events[i].take().ok_or_else(taken)?;
+            if let Err(reason) = self.check_prev(space, &e)? {
                 return Err(StoreError::Rejected { id: e.id(), reason });
             }
             // A copy may have been parked by an earlier call.
-            self.tables
-                .pending
-                .delete(txn, &id_key(sid, &e.origin, e.seq))?;
+            if self.state(space)?.pending > 0
+                && t.pending.delete(txn, &id_key(sid, &e.origin, e.seq))?
+            {
+                self.state_mut(space)?.pending -= 1;
+            }
+            let p = &prepared[i];
             out.applied.push(self.apply(
                 txn,
                 space,
                 sid,
-                e.clone(),
-                hash,
+                e,
+                &p.bytes,
+                p.hash,
                 merge.as_deref(),
                 false,
             )?);
         }
 
-        for e in order.waiting {
+        for i in waiting {
+            let e = events[i].as_ref().ok_or_else(taken)?;
             let key = id_key(sid, &e.origin, e.seq);
-            if self.tables.pending.get(txn, &key)?.is_some() || !parked.insert(e.id()) {
+            if t.pending.get(txn, &key)?.is_some() || !parked.insert(e.id()) {
                 out.duplicates += 1;
                 continue;
             }
-            self.tables.pending.put(txn, &key, &e.encode())?;
+            t.pending.put(txn, &key, &prepared[i].bytes)?;
+            self.state_mut(space)?.pending += 1;
         }
 
-        if !out.applied.is_empty() || tagged_parked {
+        if (!out.applied.is_empty() || tagged_parked) && self.state(space)?.pending > 0 {
             self.release_pending(txn, space, sid, merge.as_deref(), &mut parked, &mut out)?;
         }
         out.parked = parked.len();
         Ok(out)
+    }
+
+    /// Removes a parked event from the pending set.
+    fn unpark(&mut self, txn: &mut RwTxn, space: &SpaceName, key: &[u8]) -> Result<(), StoreError> {
+        if self.tables.pending.delete(txn, key)? {
+            let state = self.state_mut(space)?;
+            state.pending = state.pending.saturating_sub(1);
+        }
+        Ok(())
     }
 
     /// Applies parked events that became ready, until none does. Only the next seq of
@@ -797,25 +1160,34 @@ impl Writer {
                 loop {
                     let next = self.state(space)?.vv.get(origin) + 1;
                     let key = id_key(sid, origin, next);
-                    let event = match self.tables.pending.get(txn, &key)? {
-                        Some(bytes) => {
-                            decode_event(bytes, format_args!("pending event {origin}:{next}"))?
-                        }
+                    let bytes = match self.tables.pending.get(txn, &key)? {
+                        Some(bytes) => bytes.to_vec(),
                         None => break,
                     };
+                    let event =
+                        decode_event(&bytes, format_args!("pending event {origin}:{next}"))?;
                     if event.readiness(&self.state(space)?.vv) != Readiness::Ready {
                         break;
                     }
                     if let Ok(Some(group)) = crate::txn::group_of(&event) {
-                        if self.release_group(txn, space, sid, merge, event, group, parked, out)? {
+                        if self.release_group(
+                            txn,
+                            space,
+                            sid,
+                            merge,
+                            (event, bytes),
+                            group,
+                            parked,
+                            out,
+                        )? {
                             progress = true;
                             continue;
                         }
                         break;
                     }
-                    self.tables.pending.delete(txn, &key)?;
+                    self.unpark(txn, space, &key)?;
                     let id = event.id();
-                    if let Err(reason) = self.check_prev(txn, sid, &event)? {
+                    if let Err(reason) = self.check_prev(space, &event)? {
                         if parked.contains(&id) {
                             return Err(StoreError::Rejected { id, reason });
                         }
@@ -823,9 +1195,9 @@ impl Writer {
                         break;
                     }
                     parked.remove(&id);
-                    let hash = event.hash();
+                    let hash = hash_of_encoding(&bytes);
                     out.applied
-                        .push(self.apply(txn, space, sid, event, hash, merge, false)?);
+                        .push(self.apply(txn, space, sid, event, &bytes, hash, merge, false)?);
                     progress = true;
                 }
             }
@@ -848,7 +1220,7 @@ impl Writer {
         space: &SpaceName,
         sid: SpaceId,
         merge: Option<&dyn Merge>,
-        event: Event,
+        (event, bytes): (Event, Vec<u8>),
         (first, n): (u64, u64),
         parked: &mut HashSet<EventId>,
         out: &mut IngestOutcome,
@@ -862,82 +1234,76 @@ impl Writer {
         }
         let mut vv = self.state(space)?.vv.clone();
         vv.set(origin, first);
-        let mut members = vec![event];
+        let mut members = vec![(event, bytes)];
         for seq in first + 1..first + n {
             let Some(bytes) = self.tables.pending.get(txn, &id_key(sid, &origin, seq))? else {
                 return Ok(false);
             };
-            let e = decode_event(bytes, format_args!("pending event {origin}:{seq}"))?;
+            let bytes = bytes.to_vec();
+            let e = decode_event(&bytes, format_args!("pending event {origin}:{seq}"))?;
             let same_group = matches!(crate::txn::group_of(&e), Ok(Some(g)) if g == (first, n));
             if !same_group || e.readiness(&vv) != Readiness::Ready {
                 return Ok(false);
             }
             vv.set(origin, seq);
-            members.push(e);
+            members.push((e, bytes));
         }
+        let hashes: Vec<EventHash> = members.iter().map(|(_, b)| hash_of_encoding(b)).collect();
         // The chain: the first links to what is applied, each other to its predecessor.
-        let mut broken = match self.check_prev(txn, sid, &members[0])? {
-            Err(reason) => Some((members[0].id(), reason)),
+        let mut broken = match self.check_prev(space, &members[0].0)? {
+            Err(reason) => Some((members[0].0.id(), reason)),
             Ok(()) => None,
         };
-        for pair in members.windows(2) {
+        for (i, pair) in members.windows(2).enumerate() {
             if broken.is_some() {
                 break;
             }
-            if let Err(reason) = sync::check_prev(&pair[1], &pair[0].hash()) {
-                broken = Some((pair[1].id(), reason));
+            if let Err(reason) = sync::check_prev(&pair[1].0, &hashes[i]) {
+                broken = Some((pair[1].0.id(), reason));
             }
         }
         if let Some((id, reason)) = broken {
-            if members.iter().any(|m| parked.contains(&m.id())) {
+            if members.iter().any(|(m, _)| parked.contains(&m.id())) {
                 return Err(StoreError::Rejected { id, reason });
             }
             tracing::warn!(space = %space, event = %id, "dropping a parked transaction: {reason}");
-            for m in &members {
-                self.tables
-                    .pending
-                    .delete(txn, &id_key(sid, &m.origin, m.seq))?;
+            for (m, _) in &members {
+                self.unpark(txn, space, &id_key(sid, &m.origin, m.seq))?;
             }
             return Ok(false);
         }
-        for e in members {
-            self.tables
-                .pending
-                .delete(txn, &id_key(sid, &e.origin, e.seq))?;
+        for ((e, bytes), hash) in members.into_iter().zip(hashes) {
+            self.unpark(txn, space, &id_key(sid, &e.origin, e.seq))?;
             parked.remove(&e.id());
-            let hash = e.hash();
             out.applied
-                .push(self.apply(txn, space, sid, e, hash, merge, false)?);
+                .push(self.apply(txn, space, sid, e, &bytes, hash, merge, false)?);
         }
         Ok(true)
     }
 
     /// Whether `event.prev` is the hash of its origin's previous event, which must be
-    /// applied (the event is ready). The outer `Result` is the store's, the inner one
-    /// the event's.
+    /// applied (the event is ready), from the cache of each origin's newest hash. The
+    /// outer `Result` is the store's, the inner one the event's.
     fn check_prev(
         &self,
-        txn: &RwTxn,
-        sid: SpaceId,
+        space: &SpaceName,
         event: &Event,
     ) -> Result<Result<(), EventError>, StoreError> {
         if event.prev.is_none() {
             return Ok(Ok(()));
         }
-        let before = event.seq - 1;
-        let entry = self
-            .tables
-            .id_entry(txn, sid, &event.origin, before)?
-            .ok_or_else(|| {
-                StoreError::Corrupt(format!(
-                    "applied event {}:{before} missing from by_id",
-                    event.origin
-                ))
-            })?;
-        Ok(sync::check_prev(event, &entry.hash))
+        let head = self.state(space)?.heads.get(&event.origin).ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "hash of applied event {}:{} missing from the writer's cache",
+                event.origin,
+                event.seq - 1
+            ))
+        })?;
+        Ok(sync::check_prev(event, head))
     }
 
-    /// Writes a ready, checked event to every table and advances the cache.
+    /// Writes a ready, checked event (`bytes` is its encoding, `hash` their hash) to
+    /// the log and its indexes, and advances the cache.
     ///
     /// In a merge space the event is also folded into its key's state. If the merge
     /// refuses a remote event, the key keeps its old state and the event is still
@@ -951,14 +1317,15 @@ impl Writer {
         space: &SpaceName,
         sid: SpaceId,
         event: Event,
+        bytes: &[u8],
         hash: EventHash,
         merge: Option<&dyn Merge>,
         local: bool,
     ) -> Result<Applied, StoreError> {
         let t = self.tables;
         let lsn = self.state(space)?.last_lsn + 1;
-        let key = frontier_key(sid, &event.key);
         if let Some(m) = merge {
+            let key = record_key(sid, &event.key);
             match m.apply(t.state.get(txn, &key)?, &event) {
                 Ok(new) => t.state.put(txn, &key, &new)?,
                 Err(e) if local => return Err(invalid_value(m, &e)),
@@ -977,38 +1344,32 @@ impl Writer {
             PutFlags::NO_OVERWRITE
         };
         t.events
-            .put_with_flags(txn, flags, &event_key(sid, lsn), &event.encode())?;
+            .put_with_flags(txn, flags, &event_key(sid, lsn), bytes)?;
         t.by_id.put(
             txn,
             &id_key(sid, &event.origin, event.seq),
             &IdEntry { lsn, hash }.to_bytes(),
         )?;
-        let mut frontier = t.frontier(txn, sid, &event.key)?;
-        let was_conflict = frontier.is_conflict();
-        frontier.apply(&event);
-        let conflict = frontier.is_conflict();
-        t.frontier.put(txn, &key, &encode_frontier(&frontier))?;
-        let flags: &[u8] = if conflict { &[HISTORY_CONFLICT] } else { &[] };
-        t.by_key
-            .put(txn, &history_key(sid, &event.key, lsn), flags)?;
-        let mut conflicts = self.state(space)?.conflicts;
-        if conflict != was_conflict {
-            conflicts = if conflict {
-                conflicts.saturating_add(1)
-            } else {
-                conflicts.saturating_sub(1)
-            };
-            t.space_meta.put(
-                txn,
-                &space_meta_key(sid, SPACE_CONFLICTS),
-                &conflicts.to_be_bytes(),
-            )?;
+        // The key's frontier, from the last record of its history: the event joins it,
+        // and drops the members its clock includes (what `weft_crdt::Frontier::apply`
+        // does, on the stored form). An event whose clock covers the whole version
+        // vector (every local one; a remote one from a writer that had seen all we
+        // have) includes every member, so none is looked up.
+        let covers_all = local || covers(&self.state(space)?.vv, &event);
+        let mut others = Vec::new();
+        if !covers_all {
+            if let Some(prev) = t.last_history(txn, sid, event.key.as_bytes(), u64::MAX)? {
+                for member in std::iter::once(prev.lsn).chain(prev.others) {
+                    if !event.clock.includes(&t.id_at(txn, sid, member)?) {
+                        others.push(member);
+                    }
+                }
+                others.sort_unstable();
+            }
         }
-        t.vv.put(
-            txn,
-            &origin_key(sid, &event.origin),
-            &event.seq.to_be_bytes(),
-        )?;
+        let record = Record { lsn, others };
+        let conflict = record.conflict();
+        let was_conflict = t.push_history(txn, sid, &event.key, &record)?;
 
         if event.hlc.wall_ms() <= wall_ms().saturating_add(MAX_HLC_LEAD_MS) {
             self.hlc.observe(event.hlc);
@@ -1017,8 +1378,17 @@ impl Writer {
         }
         let state = self.state_mut(space)?;
         state.vv.set(event.origin, event.seq);
+        state.vv_dirty.insert(event.origin);
+        state.heads.insert(event.origin, hash);
         state.last_lsn = lsn;
-        state.conflicts = conflicts;
+        if conflict != was_conflict {
+            state.conflicts = if conflict {
+                state.conflicts.saturating_add(1)
+            } else {
+                state.conflicts.saturating_sub(1)
+            };
+            state.conflicts_dirty = true;
+        }
         Ok(Applied {
             space: space.clone(),
             lsn,
@@ -1026,6 +1396,14 @@ impl Writer {
             conflict,
         })
     }
+}
+
+/// Whether `event`'s clock includes everything in `vv`: then it follows every applied
+/// event, and drops its key's whole frontier. Only short version vectors are compared
+/// (a long one costs more than the lookups it would save).
+fn covers(vv: &VersionVector, event: &Event) -> bool {
+    const MAX_COMPARED: usize = 16;
+    vv.len() <= MAX_COMPARED && vv.iter().all(|(o, s)| event.clock.get(o) >= s)
 }
 
 /// A local write's payload that the space's merge refuses. Reported as an invalid
@@ -1038,8 +1416,8 @@ fn invalid_value(merge: &dyn Merge, e: &weft_crdt::MergeError) -> StoreError {
     )))
 }
 
-/// A copy of an error that has to answer every command of a batch. Only the errors
-/// `MapControl::grow` returns occur here; anything else keeps its message.
+/// A copy of an error that has to answer every command of a batch. LMDB errors and a
+/// full store keep their kind; anything else keeps its message.
 fn duplicate(e: &StoreError) -> StoreError {
     match e {
         StoreError::Lmdb(inner) => StoreError::Lmdb(inner.clone()),
