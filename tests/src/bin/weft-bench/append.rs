@@ -64,6 +64,10 @@ pub async fn run(args: Args) -> Result<()> {
     let mut disk: Vec<Vec<f64>> = vec![Vec::new(); args.writers.len()];
     let mut single = Vec::new();
     let mut batched = Vec::new();
+    // Raw heed's own group commit with the store's record shape, per round.
+    let most = args.writers.iter().copied().max().unwrap_or(1) as u64;
+    let event_bytes = sample_event(&value, 2).seal_unsigned().encode();
+    let mut ceilings: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); 2];
     for r in 0..args.repeat {
         let dir = common::tempdir(base)?;
         let half = secs / 2;
@@ -103,6 +107,27 @@ pub async fn run(args: Args) -> Result<()> {
         let after = single_commit(&dir.path().join("single-after"), &value, half).await?;
         // Records over time of both halves (equal durations): the arithmetic mean.
         let s = (before + after) / 2.0;
+        if !args.no_diag {
+            let shapes = [
+                common::GroupShape::LogOnly,
+                common::GroupShape::Keyed { writers: most },
+            ];
+            for (i, shape) in shapes.into_iter().enumerate() {
+                let (path, bytes) = (dir.path().join(format!("group-{i}")), event_bytes.clone());
+                let rate = tokio::task::spawn_blocking(move || {
+                    common::heed_group_commit(&path, &bytes, most, shape, half)
+                })
+                .await??;
+                note(format!(
+                    "round {}: heed group commit, {most} records of {} B per commit, {shape:?}: {rate:.0}/s = {:.1}x single commit",
+                    r + 1,
+                    event_bytes.len(),
+                    rate / s
+                ));
+                ceilings[i].0.push(rate);
+                ceilings[i].1.push(rate / s);
+            }
+        }
         let v = value.clone();
         let path = dir.path().join("batched");
         let n = args.batched_records;
@@ -171,6 +196,20 @@ pub async fn run(args: Args) -> Result<()> {
             "x",
         ));
     }
+    if !args.no_diag {
+        for (name, (rates, ratios)) in ["log_only", "keyed"].into_iter().zip(ceilings) {
+            figures.push(Figure::new(
+                format!("diag_heed_group_commit_{most}_{name}"),
+                median(rates),
+                "records/s",
+            ));
+            figures.push(Figure::new(
+                format!("diag_heed_group_commit_{most}_{name}_vs_single_commit"),
+                median(ratios),
+                "x",
+            ));
+        }
+    }
     if let (false, Some(&most)) = (args.no_diag, args.writers.iter().max()) {
         // Where the time goes: the same run without an fsync per commit.
         let m = measure_store(
@@ -217,31 +256,38 @@ pub async fn run(args: Args) -> Result<()> {
     )
 }
 
+/// An event shaped like the ones `append` makes here (one-entry clock, the bench's
+/// value, a `prev` hash), signed by the bench's key.
+fn sample_event(value: &[u8], seq: u64) -> weft_crdt::UnsignedEvent {
+    use weft_crdt::{EventHash, Hlc, NodeId, Op, UnsignedEvent, VectorClock};
+    let origin = NodeId::of(&SigningKey::from_bytes(&[1; 32]));
+    let mut clock = VectorClock::new();
+    clock.set(origin, seq);
+    UnsignedEvent {
+        origin,
+        seq,
+        clock,
+        hlc: Hlc::new(1_700_000_000_000 + seq, 0),
+        key: format!("w0/k{seq}"),
+        op: Op::Put,
+        kind: String::new(),
+        payload: value.to_vec(),
+        meta: Default::default(),
+        prev: (seq > 1).then_some(EventHash([7; 32])),
+    }
+}
+
 /// Microseconds per event to sign, and to encode and hash, `n` events shaped like the
 /// ones `append` makes here (one-entry clock, 200-byte payload).
 fn sign_and_hash_cost(value: &[u8], n: u64) -> Result<(f64, f64)> {
-    use weft_crdt::{Hlc, NodeId, Op, UnsignedEvent, VectorClock};
     let key = SigningKey::from_bytes(&[1; 32]);
-    let origin = NodeId::of(&key);
     let space = SpaceName::new("bench")?;
     let mut sign = Duration::ZERO;
     let mut hash = Duration::ZERO;
     let mut prev = None;
     for seq in 1..=n {
-        let mut clock = VectorClock::new();
-        clock.set(origin, seq);
-        let e = UnsignedEvent {
-            origin,
-            seq,
-            clock,
-            hlc: Hlc::new(1_700_000_000_000 + seq, 0),
-            key: format!("w0/k{seq}"),
-            op: Op::Put,
-            kind: String::new(),
-            payload: value.to_vec(),
-            meta: Default::default(),
-            prev,
-        };
+        let mut e = sample_event(value, seq);
+        e.prev = prev;
         let t = Instant::now();
         let e = e.sign(&space, &key);
         sign += t.elapsed();

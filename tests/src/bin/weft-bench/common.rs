@@ -163,6 +163,129 @@ pub fn heed_batched_append(
     Ok(n as f64 / secs)
 }
 
+/// [`heed_batched_append`] plus, per record, one entry in a key-ordered index shaped
+/// like the store's `by_key`: `record_keys[i]` (the key of `values[i]`), 0x00, the
+/// record number; empty value. The least a store that indexes keys writes. Returns
+/// records/s.
+pub fn heed_batched_append_keyed(
+    dir: &Path,
+    values: &[&[u8]],
+    record_keys: &[&[u8]],
+    total: u64,
+    per_commit: u64,
+    max_time: Duration,
+) -> Result<f64> {
+    ensure!(
+        !values.is_empty() && values.len() == record_keys.len() && per_commit > 0,
+        "nothing to append"
+    );
+    let bytes: u64 = values.iter().map(|v| v.len() as u64 + 128).sum::<u64>() / values.len() as u64;
+    let map = ((total * bytes * 3) as usize)
+        .max(64 << 20)
+        .next_power_of_two();
+    let (env, [log, index]) = raw_env_with(dir, map, ["log", "index"])?;
+    let start = Instant::now();
+    let deadline = start + max_time;
+    let mut n: u64 = 0;
+    let mut key = Vec::with_capacity(64);
+    while n < total && Instant::now() < deadline {
+        let mut txn = env.write_txn()?;
+        let end = (n + per_commit).min(total);
+        while n < end {
+            let i = (n % values.len() as u64) as usize;
+            log.put_with_flags(&mut txn, PutFlags::APPEND, &n.to_be_bytes(), values[i])?;
+            key.clear();
+            key.extend_from_slice(record_keys[i]);
+            key.push(0);
+            key.extend_from_slice(&n.to_be_bytes());
+            index.put(&mut txn, &key, &[])?;
+            n += 1;
+        }
+        txn.commit()?;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    drop(env);
+    Ok(n as f64 / secs)
+}
+
+/// What one record of [`heed_group_commit`] writes besides its log entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GroupShape {
+    /// Only the log: `PutFlags::APPEND` of the value under a big-endian u64 key.
+    LogOnly,
+    /// The log and one entry in a key-ordered index, shaped like the store's `by_key`:
+    /// the record key of writer `n % writers` (`w<writer>/k<i>`, as `weft-bench append`
+    /// writes them), 0x00, the record number; empty value.
+    Keyed { writers: u64 },
+}
+
+/// Raw heed, closed-loop group commit without a store: `per_commit` records per durable
+/// commit (each shaped by `shape`), back to back, for `max_time`. The ceiling a store
+/// doing the same writes could reach with no CPU of its own. Returns records/s.
+pub fn heed_group_commit(
+    dir: &Path,
+    value: &[u8],
+    per_commit: u64,
+    shape: GroupShape,
+    max_time: Duration,
+) -> Result<f64> {
+    ensure!(per_commit > 0, "nothing to commit");
+    let (env, [log, index]) = raw_env_with(dir, 1 << 30, ["log", "index"])?;
+    let start = Instant::now();
+    let deadline = start + max_time;
+    let mut n: u64 = 0;
+    let mut key = Vec::with_capacity(64);
+    while Instant::now() < deadline {
+        let mut txn = env.write_txn()?;
+        for _ in 0..per_commit {
+            log.put_with_flags(&mut txn, PutFlags::APPEND, &n.to_be_bytes(), value)?;
+            if let GroupShape::Keyed { writers } = shape {
+                key.clear();
+                let w = n % writers.max(1);
+                key.extend_from_slice(format!("w{w}/k{}", n / writers.max(1)).as_bytes());
+                key.push(0);
+                key.extend_from_slice(&n.to_be_bytes());
+                index.put(&mut txn, &key, &[])?;
+            }
+            n += 1;
+        }
+        txn.commit()?;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    drop(env);
+    Ok(n as f64 / secs)
+}
+
+type Table = Database<'static, Bytes, Bytes>;
+
+/// [`raw_env`] with several named tables.
+fn raw_env_with<const N: usize>(
+    dir: &Path,
+    map_size: usize,
+    names: [&str; N],
+) -> Result<(Env<WithoutTls>, [Table; N])> {
+    std::fs::create_dir_all(dir)?;
+    let mut options = EnvOpenOptions::new().read_txn_without_tls();
+    options.map_size(map_size).max_dbs(N as u32 + 1);
+    // SAFETY: the directory is a fresh temporary directory only this process uses.
+    let env = unsafe { options.open(dir) }.context("opening raw heed env")?;
+    let txn = env.write_txn()?;
+    let dbs = env
+        .create_databases_and_commit(txn, |dbo, txn| {
+            let mut made = Vec::with_capacity(N);
+            for name in names {
+                made.push(dbo.create_database::<Bytes, Bytes>(txn, Some(name))?);
+            }
+            let all: [_; N] = made
+                .try_into()
+                .unwrap_or_else(|_| unreachable!("one table per name"));
+            Ok::<_, heed::Error>(CommitOrAbort::<_, ()>::Commit(all))
+        })?
+        .commit()
+        .context("creating the tables was aborted")?;
+    Ok((env, dbs))
+}
+
 /// User plus system CPU time of this process so far, in seconds.
 pub fn process_cpu_secs() -> f64 {
     // SAFETY: getrusage only writes the struct it is given.

@@ -104,7 +104,10 @@ pub async fn run(args: Args) -> Result<()> {
         let mut per_10k = Vec::new();
         let mut ratio = Vec::new();
         let mut ratio_10k = Vec::new();
+        let mut keyed = Vec::new();
+        let mut keyed_ratio = Vec::new();
         let values: Vec<&[u8]> = encoded.iter().map(Vec::as_slice).collect();
+        let record_keys: Vec<&[u8]> = events.iter().map(|e| e.key.as_bytes()).collect();
         let n = events.len() as u64;
         let page = args.page as u64;
         for r in 0..args.repeat {
@@ -129,6 +132,25 @@ pub async fn run(args: Args) -> Result<()> {
             )?;
             // The same record count twice: records over total time is the harmonic mean.
             let p = 2.0 / (1.0 / before + 1.0 / after);
+            if !args.no_diag {
+                // The same, plus one key-index entry per event: raw heed's own cost of
+                // indexing these keys, with no store CPU.
+                let kr = common::heed_batched_append_keyed(
+                    &dir.path().join("keyed"),
+                    &values,
+                    &record_keys,
+                    n,
+                    page,
+                    max_time,
+                )?;
+                note(format!(
+                    "round {}: heed batched append with a key index, commit per page: {kr:.0}/s = {:.1}% of the plain one",
+                    r + 1,
+                    100.0 * kr / p
+                ));
+                keyed.push(kr);
+                keyed_ratio.push(100.0 * kr / p);
+            }
             note(format!(
                 "round {}: ingest {name}: {rate:.0} events/s; heed batched append of the same bytes: {before:.0}/s and {after:.0}/s per page, {k:.0}/s per 10k",
                 r + 1
@@ -166,6 +188,16 @@ pub async fn run(args: Args) -> Result<()> {
         ));
 
         if !args.no_diag {
+            figures.push(Figure::new(
+                format!("diag_heed_batched_append{suffix}_keyed"),
+                median(keyed),
+                "records/s",
+            ));
+            figures.push(Figure::new(
+                format!("diag_heed_batched_append{suffix}_keyed_vs_batched_append"),
+                median(keyed_ratio),
+                "%",
+            ));
             // Where the time goes: the signature/hash check alone (what `ingest` runs on a
             // blocking thread before the writer sees the page), and the whole ingest
             // without the fsync per commit.
