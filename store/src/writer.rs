@@ -163,7 +163,7 @@ struct SpaceState {
     stored: Option<StoredPolicy>,
     /// The hash of each origin's newest applied event (the one at `vv[origin]`): what
     /// its next event's `prev` must be.
-    heads: HashMap<NodeId, EventHash>,
+    heads: BTreeMap<NodeId, EventHash>,
     /// Events of the space in the pending set.
     pending: u64,
     /// Origins whose `vv` entry this batch changed.
@@ -344,7 +344,7 @@ impl Writer {
             let name = SpaceName::new(name)
                 .map_err(|e| StoreError::Corrupt(format!("stored space name: {e}")))?;
             let vv = t.version_vector(&txn, sid)?;
-            let mut heads = HashMap::with_capacity(vv.len());
+            let mut heads = BTreeMap::new();
             for (origin, seq) in vv.iter() {
                 let entry = t.id_entry(&txn, sid, origin, seq)?.ok_or_else(|| {
                     StoreError::Corrupt(format!("applied event {origin}:{seq} missing from by_id"))
@@ -827,7 +827,7 @@ impl Writer {
                 last_lsn: 0,
                 conflicts: 0,
                 stored: None,
-                heads: HashMap::new(),
+                heads: BTreeMap::new(),
                 pending: 0,
                 vv_dirty: BTreeSet::new(),
                 conflicts_dirty: false,
@@ -1090,13 +1090,12 @@ impl Writer {
         out.applied.reserve(ready.len());
         for i in ready {
             let e = events[i].take().ok_or_else(taken)?;
-            if let Err(reason) = self.check_prev(space, &e)? {
+            let state = self.state(space)?;
+            if let Err(reason) = check_prev(state, &e)? {
                 return Err(StoreError::Rejected { id: e.id(), reason });
             }
             // A copy may have been parked by an earlier call.
-            if self.state(space)?.pending > 0
-                && t.pending.delete(txn, &id_key(sid, &e.origin, e.seq))?
-            {
+            if state.pending > 0 && t.pending.delete(txn, &id_key(sid, &e.origin, e.seq))? {
                 self.state_mut(space)?.pending -= 1;
             }
             let p = &prepared[i];
@@ -1281,25 +1280,13 @@ impl Writer {
         Ok(true)
     }
 
-    /// Whether `event.prev` is the hash of its origin's previous event, which must be
-    /// applied (the event is ready), from the cache of each origin's newest hash. The
-    /// outer `Result` is the store's, the inner one the event's.
+    /// [`check_prev`] against `space`'s cache.
     fn check_prev(
         &self,
         space: &SpaceName,
         event: &Event,
     ) -> Result<Result<(), EventError>, StoreError> {
-        if event.prev.is_none() {
-            return Ok(Ok(()));
-        }
-        let head = self.state(space)?.heads.get(&event.origin).ok_or_else(|| {
-            StoreError::Corrupt(format!(
-                "hash of applied event {}:{} missing from the writer's cache",
-                event.origin,
-                event.seq - 1
-            ))
-        })?;
-        Ok(sync::check_prev(event, head))
+        check_prev(self.state(space)?, event)
     }
 
     /// Writes a ready, checked event (`bytes` is its encoding, `hash` their hash) to
@@ -1323,7 +1310,12 @@ impl Writer {
         local: bool,
     ) -> Result<Applied, StoreError> {
         let t = self.tables;
-        let lsn = self.state(space)?.last_lsn + 1;
+        let state = self.state(space)?;
+        let lsn = state.last_lsn + 1;
+        // An event whose clock covers the whole version vector (every local one; a
+        // remote one from a writer that had seen all we have) follows every applied
+        // event, so it alone is its key's frontier (see below).
+        let covers_all = local || covers(&state.vv, &event);
         if let Some(m) = merge {
             let key = record_key(sid, &event.key);
             match m.apply(t.state.get(txn, &key)?, &event) {
@@ -1352,10 +1344,7 @@ impl Writer {
         )?;
         // The key's frontier, from the last record of its history: the event joins it,
         // and drops the members its clock includes (what `weft_crdt::Frontier::apply`
-        // does, on the stored form). An event whose clock covers the whole version
-        // vector (every local one; a remote one from a writer that had seen all we
-        // have) includes every member, so none is looked up.
-        let covers_all = local || covers(&self.state(space)?.vv, &event);
+        // does, on the stored form); when it covers everything, none is looked up.
         let mut others = Vec::new();
         if !covers_all {
             if let Some(prev) = t.last_history(txn, sid, event.key.as_bytes(), u64::MAX)? {
@@ -1398,12 +1387,39 @@ impl Writer {
     }
 }
 
+/// Whether `event.prev` is the hash of its origin's previous event, which must be
+/// applied (the event is ready), from the cache of each origin's newest hash. The
+/// outer `Result` is the store's, the inner one the event's.
+fn check_prev(state: &SpaceState, event: &Event) -> Result<Result<(), EventError>, StoreError> {
+    if event.prev.is_none() {
+        return Ok(Ok(()));
+    }
+    let head = state.heads.get(&event.origin).ok_or_else(|| {
+        StoreError::Corrupt(format!(
+            "hash of applied event {}:{} missing from the writer's cache",
+            event.origin,
+            event.seq - 1
+        ))
+    })?;
+    Ok(sync::check_prev(event, head))
+}
+
 /// Whether `event`'s clock includes everything in `vv`: then it follows every applied
-/// event, and drops its key's whole frontier. Only short version vectors are compared
-/// (a long one costs more than the lookups it would save).
+/// event, and drops its key's whole frontier. Both are sorted by origin, so one pass
+/// over each compares them; only short version vectors are compared (a long one costs
+/// more than the lookups it would save).
 fn covers(vv: &VersionVector, event: &Event) -> bool {
     const MAX_COMPARED: usize = 16;
-    vv.len() <= MAX_COMPARED && vv.iter().all(|(o, s)| event.clock.get(o) >= s)
+    if vv.len() > MAX_COMPARED {
+        return false;
+    }
+    let mut clock = event.clock.iter().peekable();
+    vv.iter().all(|(origin, seq)| {
+        while clock.next_if(|(o, _)| *o < origin).is_some() {}
+        clock
+            .next_if(|(o, _)| *o == origin)
+            .is_some_and(|(_, s)| s >= seq)
+    })
 }
 
 /// A local write's payload that the space's merge refuses. Reported as an invalid
@@ -1446,5 +1462,44 @@ fn reply_err(cmd: Command, e: StoreError) {
         Command::Transaction { reply, .. } => {
             let _ = reply.send(Err(e));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_crdt::{Hlc, Op, VectorClock};
+
+    fn event_with(clock: &[(u8, u64)]) -> Event {
+        let node = |b: u8| NodeId::from_bytes([b; 32]);
+        let clock: VectorClock = clock.iter().map(|(b, s)| (node(*b), *s)).collect();
+        let (origin, seq) = clock.iter().next().map(|(o, s)| (*o, s)).unwrap();
+        UnsignedEvent {
+            origin,
+            seq,
+            clock,
+            hlc: Hlc::new(1, 0),
+            key: "k".into(),
+            op: Op::Put,
+            kind: String::new(),
+            payload: Vec::new(),
+            meta: BTreeMap::new(),
+            prev: None,
+        }
+        .seal_unsigned()
+    }
+
+    #[test]
+    fn covers_compares_every_entry_of_the_version_vector() {
+        let mut vv = VersionVector::new();
+        vv.set(NodeId::from_bytes([2; 32]), 5);
+        vv.set(NodeId::from_bytes([4; 32]), 1);
+        assert!(covers(&vv, &event_with(&[(2, 5), (4, 1)])));
+        assert!(covers(&vv, &event_with(&[(1, 9), (2, 6), (3, 1), (4, 2)])));
+        assert!(!covers(&vv, &event_with(&[(2, 4), (4, 1)])), "behind on 2");
+        assert!(!covers(&vv, &event_with(&[(2, 5)])), "lacks 4");
+        assert!(!covers(&vv, &event_with(&[(4, 1)])), "lacks 2");
+        assert!(!covers(&vv, &event_with(&[(1, 1), (3, 9), (5, 9)])));
+        assert!(covers(&VersionVector::new(), &event_with(&[(7, 1)])));
     }
 }
