@@ -66,7 +66,7 @@ use libp2p::gossipsub::{self, MessageAcceptance, MessageId, TopicHash};
 use libp2p::request_response::{self, OutboundFailure, OutboundRequestId, ResponseChannel};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionDenied, ConnectionId, DialError, ListenError, SwarmEvent};
-use libp2p::{identify, kad, mdns, Multiaddr, PeerId, Swarm};
+use libp2p::{identify, kad, mdns, ping, Multiaddr, PeerId, Swarm};
 use tokio::sync::mpsc::{self, OwnedPermit};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -476,7 +476,14 @@ impl EventLoop {
             SwarmEvent::Behaviour(WeftBehaviourEvent::Mdns(e)) => self.handle_mdns(e),
             SwarmEvent::Behaviour(WeftBehaviourEvent::Identify(e)) => self.handle_identify(e),
             SwarmEvent::Behaviour(WeftBehaviourEvent::Kad(e)) => self.handle_kad(e),
-            SwarmEvent::Behaviour(WeftBehaviourEvent::Ping(_)) => {}
+            SwarmEvent::Behaviour(WeftBehaviourEvent::Ping(e)) => match e.result {
+                // A peer that does not speak ping is not a dead one.
+                Ok(_) | Err(ping::Failure::Unsupported) => {}
+                Err(failure) => {
+                    debug!(peer = %e.peer, %failure, "ping failed; closing the connection");
+                    self.swarm.close_connection(e.connection);
+                }
+            },
             SwarmEvent::Behaviour(WeftBehaviourEvent::Limits(never)) => match never {},
             other => trace!(?other, "swarm event"),
         }

@@ -2,18 +2,16 @@
 //!
 //! Integration tests live in `target/<profile>/deps/`, and cargo puts the `weft` binary
 //! one level up, in `target/<profile>/`. `cargo test --workspace` builds it together
-//! with the tests; when only this crate's tests were built (`cargo test -p weft-tests`)
-//! it may be missing, so it is built once per test process with
-//! `cargo build -p weft-node --bin weft`. `WEFT_BIN` overrides the lookup entirely.
-//!
-//! A binary that exists is used as it is: after changing `node/`, run the workspace
-//! tests (or `cargo build -p weft-node`) so that the binary is current.
+//! with the tests, but `cargo test -p weft-tests` does not, and would run whatever binary
+//! an earlier build left there; so each test process runs
+//! `cargo build -p weft-node --bin weft` once (a no-op when it is current).
+//! `WEFT_BIN` overrides the lookup entirely.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-/// The path of the `weft` binary, built first if it is missing. Panics with the reason
+/// The path of the `weft` binary, brought up to date first. Panics with the reason
 /// when it cannot be found or built.
 pub fn weft_binary() -> &'static Path {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
@@ -38,9 +36,9 @@ fn locate_or_build() -> PathBuf {
         .unwrap_or_else(|| panic!("unexpected test executable location {}", exe.display()))
         .to_path_buf();
     let binary = profile_dir.join("weft");
-    if binary.is_file() {
-        return binary;
-    }
+    // Always through cargo, even when the file exists: `cargo test` does not rebuild
+    // another package's binary, so an existing one may predate the code under test.
+    // Up to date, this is a no-op of about a second.
     build(&profile_dir);
     assert!(
         binary.is_file(),
@@ -73,10 +71,7 @@ fn build(profile_dir: &Path) {
             command.args(["--profile", profile]);
         }
     }
-    eprintln!(
-        "weft-tests: {} is missing, running {command:?}",
-        profile_dir.join("weft").display()
-    );
+    eprintln!("weft-tests: building the weft binary: {command:?}");
     let status = command
         .status()
         .unwrap_or_else(|err| panic!("cannot run {cargo:?} to build the weft binary: {err}"));

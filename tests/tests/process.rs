@@ -480,3 +480,34 @@ async fn the_client_finds_the_node_through_weft_api() {
     assert!(output.status.success(), "{output:?}");
     assert_eq!(String::from_utf8_lossy(&output.stdout), "v\n");
 }
+
+/// A peer that stops answering (SIGSTOP: its sockets stay open, so TCP alone never
+/// notices) is dropped from `status` once its pings time out, and is back, replicating,
+/// once it runs again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_peer_leaves_the_peer_list_and_returns_when_it_answers_again() {
+    let (a, b) = connected_pair().await;
+    let b_id = b.peer_id().to_owned();
+    b.pause();
+    // Ping every 5 s with a 10 s timeout: gone within ~15 s; 60 s leaves room for load.
+    wait_until(
+        "A drops the silent B from its peers",
+        CATCH_UP,
+        POLL,
+        async || !a.peers().await.contains(&b_id),
+    )
+    .await;
+    b.resume();
+    wait_until("A and B reconnect", CATCH_UP, POLL, async || {
+        a.peers().await.contains(&b_id)
+    })
+    .await;
+    a.put(DEFAULT_SPACE, "after-silence", "back").await;
+    wait_until(
+        "B reads A's write after returning",
+        REPLICATION,
+        POLL,
+        async || b.get(DEFAULT_SPACE, "after-silence").await.as_deref() == Some("back"),
+    )
+    .await;
+}
