@@ -20,14 +20,6 @@ pub enum EventError {
     /// The bytes are not a CBOR event of a version this build understands.
     #[error("undecodable event: {0}")]
     Decode(String),
-    /// The encoding carries a wire version this build does not know.
-    #[error("unsupported event version {found} (this build reads version {supported})")]
-    UnsupportedVersion {
-        /// Version found in the message.
-        found: u64,
-        /// Version this build reads.
-        supported: u64,
-    },
     /// A field breaks a documented limit (see [`crate::limits`]).
     #[error("{0}")]
     Limit(String),

@@ -477,33 +477,6 @@ impl<'de> Deserialize<'de> for Event {
     }
 }
 
-const BATCH_VERSION: u64 = 1;
-
-/// Encodes a batch of events as `[1, [event, ...]]` (the gossip message body).
-pub fn encode_event_batch(events: &[Event]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(events.iter().map(|e| 256 + e.payload.len()).sum());
-    ciborium::into_writer(&(BATCH_VERSION, events), &mut out)
-        .unwrap_or_else(|e| unreachable!("CBOR encoding into a Vec failed: {e}"));
-    out
-}
-
-/// Decodes a batch made by [`encode_event_batch`] and validates each event's structure.
-/// Signatures are not checked here.
-pub fn decode_event_batch(bytes: &[u8]) -> Result<Vec<Event>, EventError> {
-    let (version, events): (u64, Vec<Event>) =
-        ciborium::from_reader(bytes).map_err(|e| EventError::Decode(e.to_string()))?;
-    if version != BATCH_VERSION {
-        return Err(EventError::UnsupportedVersion {
-            found: version,
-            supported: BATCH_VERSION,
-        });
-    }
-    for e in &events {
-        e.validate()?;
-    }
-    Ok(events)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -593,17 +566,6 @@ mod tests {
         bytes[1] = 0x02;
         let err = Event::decode(&bytes).unwrap_err().to_string();
         assert!(err.contains("unsupported event version 2"), "{err}");
-        let batch = encode_event_batch(&[e]);
-        let mut b = batch.clone();
-        b[1] = 0x07;
-        assert_eq!(
-            decode_event_batch(&b).unwrap_err(),
-            EventError::UnsupportedVersion {
-                found: 7,
-                supported: 1
-            }
-        );
-        assert_eq!(decode_event_batch(&batch).unwrap().len(), 1);
     }
 
     #[test]

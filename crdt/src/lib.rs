@@ -25,10 +25,7 @@ pub mod sync;
 
 pub use clock::{Causality, VectorClock, VersionVector};
 pub use error::{EventError, ParseError};
-pub use event::{
-    check_write_fields, decode_event_batch, encode_event_batch, Event, EventHash, Op, Readiness,
-    UnsignedEvent,
-};
+pub use event::{check_write_fields, Event, EventHash, Op, Readiness, UnsignedEvent};
 pub use frontier::Frontier;
 pub use hlc::{Hlc, HlcClock};
 pub use id::{EventId, NodeId, SpaceName};
