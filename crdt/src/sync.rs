@@ -82,6 +82,29 @@ pub fn behind(mine: &VersionVector, theirs: &VersionVector) -> bool {
 /// successor's signature, because the hash covers every field including the
 /// signature. A catch-up page of one origin's run of events costs one signature check.
 pub fn verify_batch(space: &SpaceName, events: &[Event]) -> Result<(), (EventId, EventError)> {
+    verify_chains(space, events, |e, _| e.hash())
+}
+
+/// [`verify_batch`] for a caller that already holds each event's hash (`hashes[i]` is
+/// `events[i].hash()`), as a store does that hashed the canonical encodings it is
+/// about to write: the chains are then checked without encoding any event again.
+///
+/// # Panics
+/// If `hashes` and `events` differ in length: a caller's bug, not bad input.
+pub fn verify_batch_hashed(
+    space: &SpaceName,
+    events: &[Event],
+    hashes: &[EventHash],
+) -> Result<(), (EventId, EventError)> {
+    assert_eq!(events.len(), hashes.len(), "one hash per event");
+    verify_chains(space, events, |_, i| hashes[i])
+}
+
+fn verify_chains(
+    space: &SpaceName,
+    events: &[Event],
+    hash_of: impl Fn(&Event, usize) -> EventHash,
+) -> Result<(), (EventId, EventError)> {
     let mut first_bad: Option<(usize, EventError)> = None;
     let mut note = |i: usize, reason: EventError| {
         if first_bad.as_ref().is_none_or(|(j, _)| i < *j) {
@@ -102,7 +125,7 @@ pub fn verify_batch(space: &SpaceName, events: &[Event]) -> Result<(), (EventId,
         for i in indexes {
             let e = &events[i];
             let vouched = voucher
-                .is_some_and(|v| v.seq == e.seq + 1 && v.prev.is_some_and(|p| p == e.hash()));
+                .is_some_and(|v| v.seq == e.seq + 1 && v.prev.is_some_and(|p| p == hash_of(e, i)));
             if vouched {
                 voucher = Some(e);
                 continue;

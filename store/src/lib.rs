@@ -229,12 +229,32 @@ pub struct Applied {
 #[derive(Debug, Default)]
 pub struct IngestOutcome {
     /// Events applied, in apply (lsn) order, including parked events the batch
-    /// released.
-    pub applied: Vec<Applied>,
+    /// released. Shared with the commit feed ([`Store::subscribe`]), hence the `Arc`.
+    pub applied: Vec<Arc<Applied>>,
     /// Events already applied or already parked.
     pub duplicates: usize,
     /// Events of this batch left in the pending set, waiting for causes not yet here.
     pub parked: usize,
+}
+
+/// A batch queued by [`Store::submit_ingest`]: its outcome arrives once the writer has
+/// committed it (durably in full mode).
+#[derive(Debug)]
+pub struct IngestTicket {
+    answer: oneshot::Receiver<Result<IngestOutcome, StoreError>>,
+    bytes: u64,
+}
+
+impl IngestTicket {
+    /// Bytes of the batch's events in their canonical encoding, as they are stored.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Waits for the commit that holds the batch.
+    pub async fn outcome(self) -> Result<IngestOutcome, StoreError> {
+        self.answer.await.map_err(|_| StoreError::Closed)?
+    }
 }
 
 /// One page of a pull: events in causal (lsn) order.
@@ -559,11 +579,25 @@ impl Store {
         space: &SpaceName,
         events: Vec<Event>,
     ) -> Result<IngestOutcome, StoreError> {
+        self.submit_ingest(space, events).await?.outcome().await
+    }
+
+    /// [`Store::ingest`] in two steps, so that a caller with a stream of batches can
+    /// authenticate the next one while the writer commits this one: returns once the
+    /// batch is checked and queued for the writer, with a ticket for its outcome.
+    /// Batches reach the writer in the order their tickets were issued.
+    pub async fn submit_ingest(
+        &self,
+        space: &SpaceName,
+        events: Vec<Event>,
+    ) -> Result<IngestTicket, StoreError> {
+        let (reply, answer) = oneshot::channel();
         if events.is_empty() {
-            return Ok(IngestOutcome::default());
+            let _ = reply.send(Ok(IngestOutcome::default()));
+            return Ok(IngestTicket { answer, bytes: 0 });
         }
         let (events, prepared) = authenticate(space, events).await?;
-        let (reply, answer) = oneshot::channel();
+        let bytes = prepared.iter().map(|p| p.bytes.len() as u64).sum();
         self.send(Command::Ingest {
             space: space.clone(),
             events,
@@ -571,7 +605,7 @@ impl Store {
             reply,
         })
         .await?;
-        answer.await.map_err(|_| StoreError::Closed)?
+        Ok(IngestTicket { answer, bytes })
     }
 
     /// The frontier of `key`: one event when the value is decided, several when
@@ -741,35 +775,38 @@ async fn authenticate(
     events: Vec<Event>,
 ) -> Result<(Vec<Event>, Vec<Prepared>), StoreError> {
     let events = Arc::new(events);
+    let prepare = |range: std::ops::Range<usize>| {
+        let events = events.clone();
+        move || events[range].iter().map(Prepared::of).collect::<Vec<_>>()
+    };
     let check = {
         let (space, events) = (space.clone(), events.clone());
-        move || -> Result<(), StoreError> {
-            verify::verify_batch(&space, &events)?;
+        move |prepared: Vec<Prepared>| -> Result<Vec<Prepared>, StoreError> {
+            let hashes: Vec<weft_crdt::EventHash> = prepared.iter().map(|p| p.hash).collect();
+            verify::verify_hashed(&space, &events, &hashes)?;
             for e in events.iter() {
                 txn::group_of(e).map_err(|reason| StoreError::Rejected { id: e.id(), reason })?;
             }
-            Ok(())
+            Ok(prepared)
         }
     };
-    let prepare = {
-        let events = events.clone();
-        move || events.iter().map(Prepared::of).collect::<Vec<_>>()
-    };
-    let prepared = if events.len() >= PARALLEL_PREPARE_AT {
-        let (checked, prepared) = tokio::join!(
-            tokio::task::spawn_blocking(check),
-            tokio::task::spawn_blocking(prepare)
+    // Encoding and hashing is most of the work, and the hashes then serve the chain
+    // checks too. A large batch splits it over two threads; a small one (a gossip
+    // message) takes a single hop to a blocking thread, which is what its latency pays.
+    let n = events.len();
+    let prepared = if n >= PARALLEL_PREPARE_AT {
+        let (a, b) = tokio::join!(
+            tokio::task::spawn_blocking(prepare(0..n / 2)),
+            tokio::task::spawn_blocking(prepare(n / 2..n))
         );
-        checked??;
-        prepared?
+        let mut all = a?;
+        all.extend(b?);
+        tokio::task::spawn_blocking(move || check(all)).await??
     } else {
-        tokio::task::spawn_blocking(move || {
-            check()?;
-            Ok::<_, StoreError>(prepare())
-        })
-        .await??
+        let prepare = prepare(0..n);
+        tokio::task::spawn_blocking(move || check(prepare())).await??
     };
-    // Both closures are done, so this is the last reference.
+    // Every closure is done, so this is the last reference.
     let events = Arc::try_unwrap(events).unwrap_or_else(|shared| (*shared).clone());
     Ok((events, prepared))
 }

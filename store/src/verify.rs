@@ -5,14 +5,26 @@
 //! store's error. No I/O: `Store::ingest` runs it on a blocking thread so that neither
 //! the writer nor the async runtime pays for signatures.
 
-use weft_crdt::{Event, SpaceName};
+use weft_crdt::{Event, EventHash, SpaceName};
 
 use crate::StoreError;
 
 /// Checks that every event is well-formed and was written by its origin for `space`;
 /// on failure [`StoreError::Rejected`] names the first bad event in batch order.
+#[cfg(test)]
 pub(crate) fn verify_batch(space: &SpaceName, events: &[Event]) -> Result<(), StoreError> {
     weft_crdt::sync::verify_batch(space, events)
+        .map_err(|(id, reason)| StoreError::Rejected { id, reason })
+}
+
+/// [`verify_batch`] with each event's hash already computed (`hashes[i]` of
+/// `events[i]`), so that no event is encoded twice on its way in.
+pub(crate) fn verify_hashed(
+    space: &SpaceName,
+    events: &[Event],
+    hashes: &[EventHash],
+) -> Result<(), StoreError> {
+    weft_crdt::sync::verify_batch_hashed(space, events, hashes)
         .map_err(|(id, reason)| StoreError::Rejected { id, reason })
 }
 

@@ -196,10 +196,27 @@ enum Attempt {
     Committed(Vec<Result<Done, StoreError>>),
 }
 
+/// A command's result as its caller receives it.
+enum Answer {
+    Append(Box<Applied>),
+    Ingest(IngestOutcome),
+    Configure,
+    Transaction(Vec<Applied>),
+}
+
+/// What an ingest command did, before the commit: [`IngestOutcome`] once its events
+/// are shared with subscribers.
+#[derive(Default)]
+pub(crate) struct Ingested {
+    applied: Vec<Applied>,
+    duplicates: usize,
+    parked: usize,
+}
+
 /// What a command produced, held until the batch commits.
 enum Done {
     Append(Box<Applied>),
-    Ingest(IngestOutcome),
+    Ingest(Ingested),
     Configure,
     Transaction(Vec<Applied>),
 }
@@ -669,32 +686,58 @@ impl Writer {
     }
 
     /// Broadcasts what a committed batch applied, then answers its commands.
+    ///
+    /// An ingested event is moved into one `Arc` that both the subscribers and the
+    /// caller hold: a catch-up applies hundreds of thousands of events, and a copy of
+    /// each for the commit feed cost more than a tenth of the writer's time.
     fn answer(&self, batch: Vec<Command>, results: Vec<Result<Done, StoreError>>) {
-        // Copies for subscribers only when there are any.
-        if self.applied_tx.receiver_count() > 0 {
-            for r in &results {
-                match r {
-                    Ok(Done::Append(a)) => self.broadcast(a),
-                    Ok(Done::Ingest(o)) => o.applied.iter().for_each(|a| self.broadcast(a)),
-                    Ok(Done::Transaction(all)) => all.iter().for_each(|a| self.broadcast(a)),
-                    Ok(Done::Configure) | Err(_) => {}
-                }
-            }
-        }
+        let feed = self.applied_tx.receiver_count() > 0;
+        let results: Vec<Result<Answer, StoreError>> = results
+            .into_iter()
+            .map(|r| {
+                r.map(|done| match done {
+                    Done::Append(a) => {
+                        if feed {
+                            self.broadcast(Arc::new((*a).clone()));
+                        }
+                        Answer::Append(a)
+                    }
+                    Done::Ingest(o) => {
+                        let applied: Vec<Arc<Applied>> =
+                            o.applied.into_iter().map(Arc::new).collect();
+                        if feed {
+                            applied.iter().for_each(|a| self.broadcast(a.clone()));
+                        }
+                        Answer::Ingest(IngestOutcome {
+                            applied,
+                            duplicates: o.duplicates,
+                            parked: o.parked,
+                        })
+                    }
+                    Done::Transaction(all) => {
+                        if feed {
+                            all.iter().for_each(|a| self.broadcast(Arc::new(a.clone())));
+                        }
+                        Answer::Transaction(all)
+                    }
+                    Done::Configure => Answer::Configure,
+                })
+            })
+            .collect();
         for (cmd, r) in batch.into_iter().zip(results) {
             // A caller that stopped waiting (dropped its future) is not an error: the
             // data is committed either way.
             match (cmd, r) {
-                (Command::Append { reply, .. }, Ok(Done::Append(a))) => {
+                (Command::Append { reply, .. }, Ok(Answer::Append(a))) => {
                     let _ = reply.send(Ok(*a));
                 }
-                (Command::Ingest { reply, .. }, Ok(Done::Ingest(o))) => {
+                (Command::Ingest { reply, .. }, Ok(Answer::Ingest(o))) => {
                     let _ = reply.send(Ok(o));
                 }
-                (Command::Configure { reply, .. }, Ok(Done::Configure)) => {
+                (Command::Configure { reply, .. }, Ok(Answer::Configure)) => {
                     let _ = reply.send(Ok(()));
                 }
-                (Command::Transaction { reply, .. }, Ok(Done::Transaction(all))) => {
+                (Command::Transaction { reply, .. }, Ok(Answer::Transaction(all))) => {
                     let _ = reply.send(Ok(all));
                 }
                 (cmd, Err(e)) => reply_err(cmd, e),
@@ -706,9 +749,9 @@ impl Writer {
         }
     }
 
-    fn broadcast(&self, applied: &Applied) {
+    fn broadcast(&self, applied: Arc<Applied>) {
         // Lagging subscribers see `RecvError::Lagged`.
-        let _ = self.applied_tx.send(Arc::new(applied.clone()));
+        let _ = self.applied_tx.send(applied);
     }
 
     /// The checks that can refuse a command without writing or caching anything: a
@@ -1037,8 +1080,8 @@ impl Writer {
         space: &SpaceName,
         events: &mut Vec<Event>,
         prepared: &[Prepared],
-    ) -> Result<IngestOutcome, StoreError> {
-        let mut out = IngestOutcome::default();
+    ) -> Result<Ingested, StoreError> {
+        let mut out = Ingested::default();
         if events.len() != prepared.len() {
             // An earlier attempt at this batch took them.
             *events = prepared
@@ -1150,7 +1193,7 @@ impl Writer {
         sid: SpaceId,
         merge: Option<&dyn Merge>,
         parked: &mut HashSet<EventId>,
-        out: &mut IngestOutcome,
+        out: &mut Ingested,
     ) -> Result<(), StoreError> {
         let origins = self.tables.pending_origins(txn, sid)?;
         loop {
@@ -1222,7 +1265,7 @@ impl Writer {
         (event, bytes): (Event, Vec<u8>),
         (first, n): (u64, u64),
         parked: &mut HashSet<EventId>,
-        out: &mut IngestOutcome,
+        out: &mut Ingested,
     ) -> Result<bool, StoreError> {
         let origin = event.origin;
         if event.seq != first {
