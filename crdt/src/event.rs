@@ -8,6 +8,14 @@
 //! The signature covers `["weft/event/1", space, <the array without sig>]`. The space is
 //! signed but not sent: it is known from the gossip topic or the pull request, and
 //! signing it means an event cannot be replayed into another space.
+//!
+//! The array and the signed message are written by hand ([`crate::codec`]), byte for
+//! byte as the `Serialize` implementation below writes them through ciborium: hashes,
+//! signatures and stored events are over these bytes, so they must never change.
+//! [`Event::decode`] reads that form directly and hands any other input to ciborium
+//! through the `Deserialize` implementation, so what it accepts, and how it refuses the
+//! rest, is ciborium's. The serde implementations also serve events embedded in larger
+//! CBOR values.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -18,6 +26,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_bytes::{ByteBuf, Bytes};
 
 use crate::clock::{VectorClock, VersionVector};
+use crate::codec::{Reader, Writer, MAX_HEAD_LEN};
 use crate::error::EventError;
 use crate::hlc::Hlc;
 use crate::id::{EventId, NodeId, SpaceName};
@@ -25,6 +34,10 @@ use crate::limits::*;
 
 const WIRE_VERSION: u64 = 1;
 const SIGNING_DOMAIN: &str = "weft/event/1";
+/// Items in the event array: the body's and the signature.
+const EVENT_FIELDS: usize = 12;
+/// Items in the body, the event array without the signature.
+const BODY_FIELDS: usize = 11;
 
 /// What an event does to its key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -202,46 +215,174 @@ pub fn check_write_fields(
     Ok(())
 }
 
-/// The fields of an event in wire order, borrowed, without the signature.
-#[derive(Serialize)]
-struct Body<'a>(
-    u64,
-    &'a Bytes,
-    u64,
-    &'a VectorClock,
-    u64,
-    &'a str,
-    u8,
-    &'a str,
-    &'a Bytes,
-    &'a BTreeMap<String, String>,
-    Option<&'a Bytes>,
-);
+/// An event's fields without the signature, borrowed: the first [`BODY_FIELDS`] items
+/// of the event array, and what the signature covers.
+struct Body<'a> {
+    origin: &'a NodeId,
+    seq: u64,
+    clock: &'a VectorClock,
+    hlc: Hlc,
+    key: &'a str,
+    op: Op,
+    kind: &'a str,
+    payload: &'a [u8],
+    meta: &'a BTreeMap<String, String>,
+    prev: Option<&'a EventHash>,
+}
 
 macro_rules! body_of {
     ($e:expr) => {
-        Body(
-            WIRE_VERSION,
-            Bytes::new($e.origin.as_bytes()),
-            $e.seq,
-            &$e.clock,
-            $e.hlc.0,
-            &$e.key,
-            $e.op.code(),
-            &$e.kind,
-            Bytes::new(&$e.payload),
-            &$e.meta,
-            $e.prev.as_ref().map(|h| Bytes::new(&h.0)),
-        )
+        Body {
+            origin: &$e.origin,
+            seq: $e.seq,
+            clock: &$e.clock,
+            hlc: $e.hlc,
+            key: &$e.key,
+            op: $e.op,
+            kind: &$e.kind,
+            payload: &$e.payload,
+            meta: &$e.meta,
+            prev: $e.prev.as_ref(),
+        }
     };
 }
 
+impl Body<'_> {
+    /// An upper bound on the size of the fields' encoding, to reserve room for it.
+    /// Every head is counted at its widest, 8 bytes over at most: cheaper than
+    /// measuring each, which would walk the clock twice.
+    fn max_len(&self) -> usize {
+        const HEAD: usize = MAX_HEAD_LEN;
+        let meta: usize = (self.meta.iter())
+            .map(|(k, v)| 2 * HEAD + k.len() + v.len())
+            .sum();
+        let strings = self.key.len() + self.kind.len() + self.payload.len();
+        // version, origin, seq, clock, hlc, key, op, kind, payload, meta, prev; then the
+        // contents of key, kind and payload
+        HEAD + (HEAD + 32)
+            + HEAD
+            + (HEAD + self.clock.len() * (2 * HEAD + 32))
+            + HEAD
+            + HEAD
+            + HEAD
+            + HEAD
+            + HEAD
+            + (HEAD + meta)
+            + self.prev.map_or(1, |_| HEAD + 32)
+            + strings
+    }
+
+    /// Writes the fields in wire order, item for item as `Event`'s `Serialize` does
+    /// through ciborium.
+    fn write_fields(&self, w: &mut Writer<'_>) {
+        w.uint(WIRE_VERSION);
+        w.bytes(self.origin.as_bytes());
+        w.uint(self.seq);
+        w.map(self.clock.len());
+        for (node, s) in self.clock.iter() {
+            w.bytes(node.as_bytes());
+            w.uint(s);
+        }
+        w.uint(self.hlc.0);
+        w.text(self.key);
+        w.uint(u64::from(self.op.code()));
+        w.text(self.kind);
+        w.bytes(self.payload);
+        w.map(self.meta.len());
+        for (k, v) in self.meta {
+            w.text(k);
+            w.text(v);
+        }
+        match self.prev {
+            Some(h) => w.bytes(&h.0),
+            None => w.null(),
+        }
+    }
+}
+
+/// The message a signature covers: `["weft/event/1", space, body]`.
 fn signing_bytes(space: &SpaceName, body: &Body<'_>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(256);
-    // Writing to a Vec cannot fail and every field is serializable.
-    ciborium::into_writer(&(SIGNING_DOMAIN, space.as_str(), body), &mut out)
-        .unwrap_or_else(|e| unreachable!("CBOR encoding into a Vec failed: {e}"));
+    let (domain, space) = (SIGNING_DOMAIN, space.as_str());
+    let mut out =
+        Vec::with_capacity(4 * MAX_HEAD_LEN + domain.len() + space.len() + body.max_len());
+    let mut w = Writer::new(&mut out);
+    w.array(3);
+    w.text(domain);
+    w.text(space);
+    w.array(BODY_FIELDS);
+    body.write_fields(&mut w);
     out
+}
+
+/// Reads an event in exactly the form [`Event::encode_into`] writes, or returns `None`.
+///
+/// It recognises no other form of the same value (see [`crate::codec`]), and ciborium
+/// reads that form back to the event it was written from, so on every input this
+/// accepts it returns what ciborium would; [`Event::decode`] leaves all other input to
+/// ciborium. Two conditions make that hold beyond the shortest heads: map keys must
+/// ascend strictly, as a `BTreeMap` writes them (ciborium would let a repeated key
+/// overwrite an earlier one), and no clock entry may be zero (ciborium keeps one,
+/// [`VectorClock::set`] would drop it).
+fn decode_canonical(bytes: &[u8]) -> Option<Event> {
+    let mut r = Reader::new(bytes);
+    if r.array()? != EVENT_FIELDS as u64 || r.uint()? != WIRE_VERSION {
+        return None;
+    }
+    let origin = NodeId::from_bytes(*r.fixed_bytes()?);
+    let seq = r.uint()?;
+    let mut clock = VectorClock::new();
+    let mut last_node: Option<&[u8; 32]> = None;
+    for _ in 0..r.map()? {
+        let node = r.fixed_bytes::<32>()?;
+        let s = r.uint()?;
+        if s == 0 || last_node.is_some_and(|last| last >= node) {
+            return None;
+        }
+        clock.set(NodeId::from_bytes(*node), s);
+        last_node = Some(node);
+    }
+    let hlc = Hlc(r.uint()?);
+    let key = r.text()?.to_owned();
+    let op = Op::from_code(u8::try_from(r.uint()?).ok()?)?;
+    let kind = r.text()?.to_owned();
+    let payload = r.bytes()?.to_vec();
+    let mut meta = BTreeMap::new();
+    let mut last_key: Option<&str> = None;
+    for _ in 0..r.map()? {
+        let (k, v) = (r.text()?, r.text()?);
+        if last_key.is_some_and(|last| last >= k) {
+            return None;
+        }
+        meta.insert(k.to_owned(), v.to_owned());
+        last_key = Some(k);
+    }
+    let prev = if r.null() {
+        None
+    } else {
+        Some(EventHash(*r.fixed_bytes()?))
+    };
+    let sig = if r.null() {
+        None
+    } else {
+        Some(*r.fixed_bytes()?)
+    };
+    // ciborium stops after the event and ignores what follows; leave that case to it.
+    if !r.is_empty() {
+        return None;
+    }
+    Some(Event {
+        origin,
+        seq,
+        clock,
+        hlc,
+        key,
+        op,
+        kind,
+        payload,
+        meta,
+        prev,
+        sig,
+    })
 }
 
 impl UnsignedEvent {
@@ -285,15 +426,23 @@ impl Event {
 
     /// The canonical CBOR encoding.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(200 + self.payload.len() + 40 * self.clock.len());
+        let mut out = Vec::new();
         self.encode_into(&mut out);
         out
     }
 
     /// Appends the canonical CBOR encoding to `out`.
     pub fn encode_into(&self, out: &mut Vec<u8>) {
-        ciborium::into_writer(self, out)
-            .unwrap_or_else(|e| unreachable!("CBOR encoding into a Vec failed: {e}"));
+        let body = body_of!(self);
+        let sig_len = self.sig.map_or(1, |s| MAX_HEAD_LEN + s.len());
+        out.reserve(MAX_HEAD_LEN + body.max_len() + sig_len);
+        let mut w = Writer::new(out);
+        w.array(EVENT_FIELDS);
+        body.write_fields(&mut w);
+        match &self.sig {
+            Some(s) => w.bytes(s),
+            None => w.null(),
+        }
     }
 
     /// Decodes and structurally validates one event. Does not check the signature.
@@ -304,8 +453,12 @@ impl Event {
                 bytes.len()
             )));
         }
-        let e: Event =
-            ciborium::from_reader(bytes).map_err(|err| EventError::Decode(err.to_string()))?;
+        let e = match decode_canonical(bytes) {
+            Some(e) => e,
+            None => {
+                ciborium::from_reader(bytes).map_err(|err| EventError::Decode(err.to_string()))?
+            }
+        };
         e.validate()?;
         Ok(e)
     }
@@ -386,19 +539,18 @@ impl Event {
 impl Serialize for Event {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeTuple;
-        let Body(v, origin, seq, clock, hlc, key, op, kind, payload, meta, prev) = body_of!(self);
-        let mut t = s.serialize_tuple(12)?;
-        t.serialize_element(&v)?;
-        t.serialize_element(origin)?;
-        t.serialize_element(&seq)?;
-        t.serialize_element(clock)?;
-        t.serialize_element(&hlc)?;
-        t.serialize_element(key)?;
-        t.serialize_element(&op)?;
-        t.serialize_element(kind)?;
-        t.serialize_element(payload)?;
-        t.serialize_element(meta)?;
-        t.serialize_element(&prev)?;
+        let mut t = s.serialize_tuple(EVENT_FIELDS)?;
+        t.serialize_element(&WIRE_VERSION)?;
+        t.serialize_element(Bytes::new(self.origin.as_bytes()))?;
+        t.serialize_element(&self.seq)?;
+        t.serialize_element(&self.clock)?;
+        t.serialize_element(&self.hlc.0)?;
+        t.serialize_element(&self.key)?;
+        t.serialize_element(&self.op.code())?;
+        t.serialize_element(&self.kind)?;
+        t.serialize_element(Bytes::new(&self.payload))?;
+        t.serialize_element(&self.meta)?;
+        t.serialize_element(&self.prev.as_ref().map(|h| Bytes::new(&h.0)))?;
         t.serialize_element(&self.sig.as_ref().map(|s| Bytes::new(s)))?;
         t.end()
     }
@@ -473,7 +625,7 @@ impl<'de> Deserialize<'de> for Event {
                 })
             }
         }
-        d.deserialize_tuple(12, V)
+        d.deserialize_tuple(EVENT_FIELDS, V)
     }
 }
 
@@ -604,5 +756,108 @@ mod tests {
         assert_eq!(e.readiness(&vv), Readiness::Ready);
         vv.set(e.origin, 2);
         assert_eq!(e.readiness(&vv), Readiness::Duplicate);
+    }
+
+    /// Events whose encodings put every field at a CBOR length boundary, with and
+    /// without the optional parts; canonical, but not all of them valid.
+    fn varied() -> Vec<Event> {
+        let base = sample(&key(1));
+        let mut out = vec![base.clone()];
+        let mut e = base.clone();
+        (e.seq, e.prev, e.sig) = (1, None, None);
+        e.clock.set(e.origin, 1);
+        out.push(e);
+        let mut e = base.clone();
+        (e.seq, e.hlc) = (u64::MAX, Hlc(u64::MAX));
+        for (i, s) in [23, 24, 255, 256, 65_535, 65_536, 1 << 32, u64::MAX]
+            .iter()
+            .enumerate()
+        {
+            e.clock.set(NodeId::from_bytes([i as u8 + 20; 32]), *s);
+        }
+        e.clock.set(e.origin, u64::MAX);
+        out.push(e);
+        let mut e = base.clone();
+        e.meta = (0..24)
+            .map(|i| (format!("k{i:02}"), String::new()))
+            .collect();
+        out.push(e);
+        for n in [0, 1, 23, 24, 255, 256, 1000] {
+            let mut e = base.clone();
+            e.key = "ü".repeat(n / 2) + &"k".repeat(n % 2);
+            e.kind = "k".repeat(n.min(300));
+            e.payload = (0..n).map(|i| i as u8).collect();
+            e.meta = (0..n.min(6))
+                .map(|i| (format!("m{i}"), "v".repeat([0, 1, 23, 24, 255, 256][i])))
+                .collect();
+            e.op = if n == 0 { Op::Delete } else { Op::Put };
+            out.push(e);
+        }
+        out
+    }
+
+    #[test]
+    fn the_fast_path_reads_every_canonical_encoding() {
+        for e in varied() {
+            assert_eq!(decode_canonical(&e.encode()).as_ref(), Some(&e));
+        }
+        let mut e = sample(&key(1));
+        for n in [65_535, 65_536] {
+            e.payload = vec![7; n];
+            assert_eq!(decode_canonical(&e.encode()).as_ref(), Some(&e));
+        }
+    }
+
+    #[test]
+    fn the_fast_path_accepts_only_canonical_encodings() {
+        // Whatever it accepts re-encodes to the very bytes it read; ciborium reads the
+        // same event from them. Anything else it leaves to ciborium.
+        let accepts_only_canonical = |bytes: &[u8]| {
+            if let Some(e) = decode_canonical(bytes) {
+                assert_eq!(e.encode(), bytes, "accepted a non-canonical form of {e:?}");
+            }
+        };
+        for e in varied().into_iter().filter(|e| e.encode().len() < 2048) {
+            let bytes = e.encode();
+            let trailing = [bytes.as_slice(), &[0]].concat();
+            assert!(
+                decode_canonical(&trailing).is_none(),
+                "a byte after the event"
+            );
+            for i in 0..bytes.len() {
+                assert!(decode_canonical(&bytes[..i]).is_none(), "truncated to {i}");
+                let mut longer = bytes.clone();
+                longer.insert(i, bytes[i]);
+                accepts_only_canonical(&longer);
+                for bit in 0..8 {
+                    let mut t = bytes.clone();
+                    t[i] ^= 1 << bit;
+                    accepts_only_canonical(&t);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_signed_message_is_what_ciborium_wrote() {
+        for e in varied() {
+            // The body as the serde tuple it was serialized from before.
+            let body = (
+                WIRE_VERSION,
+                Bytes::new(e.origin.as_bytes()),
+                e.seq,
+                &e.clock,
+                e.hlc.0,
+                &e.key,
+                e.op.code(),
+                &e.kind,
+                Bytes::new(&e.payload),
+                &e.meta,
+                e.prev.as_ref().map(|h| Bytes::new(&h.0)),
+            );
+            let mut theirs = Vec::new();
+            ciborium::into_writer(&(SIGNING_DOMAIN, space().as_str(), body), &mut theirs).unwrap();
+            assert_eq!(signing_bytes(&space(), &body_of!(e)), theirs);
+        }
     }
 }

@@ -11,6 +11,7 @@
 //! rule here can be tested and simulated deterministically.
 
 mod clock;
+mod codec;
 pub mod compact;
 mod error;
 mod event;
