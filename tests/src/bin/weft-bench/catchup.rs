@@ -26,6 +26,11 @@ use crate::common::{self, median, note, Figure};
 /// the others through their hashes. At most `weft_crdt::limits::MAX_UNSIGNED_RUN`.
 pub const RUN: usize = 250;
 
+/// Events per pull page of the node's sync loop (`SyncConfig::page_events`): the
+/// commit size of the batched-append baseline and the page of the local-ingest
+/// diagnostic, so that both are measured in the shape the catch-up commits in.
+const PAGE: usize = 5_000;
+
 /// Events per `Store::ingest` call while building the source's log; a multiple of
 /// [`RUN`], so every batch ends on a signed event.
 const BUILD_PAGE: usize = 4 * RUN;
@@ -131,8 +136,13 @@ pub async fn run(args: Args) -> Result<()> {
     let mut disk = Vec::new();
     for r in 0..args.repeat {
         let round = common::tempdir(Some(root.path()))?;
-        let before =
-            common::heed_batched_append(&round.path().join("before"), &values, n, 1_000, max_time)?;
+        let before = common::heed_batched_append(
+            &round.path().join("before"),
+            &values,
+            n,
+            PAGE as u64,
+            max_time,
+        )?;
         let run = catch_up(
             &round.path().join("fresh"),
             &space,
@@ -141,8 +151,13 @@ pub async fn run(args: Args) -> Result<()> {
             max_time,
         )
         .await?;
-        let after =
-            common::heed_batched_append(&round.path().join("after"), &values, n, 1_000, max_time)?;
+        let after = common::heed_batched_append(
+            &round.path().join("after"),
+            &values,
+            n,
+            PAGE as u64,
+            max_time,
+        )?;
         let tcp_mbps = tcp_loopback(total_bytes, max_time).await?;
         drop(round);
         // The same record count twice: records over total time is the harmonic mean.
@@ -469,7 +484,8 @@ pub async fn tcp_loopback(total: u64, max_time: Duration) -> Result<f64> {
 }
 
 /// The events through `Store::ingest` of a fresh store (`Durability::Full`) in pages of
-/// 1,000, as the sync loop's pull delivers them, one after the other; events/s.
+/// [`PAGE`], as the sync loop's pull delivers them, one after the other (no pipeline);
+/// events/s.
 async fn local_ingest(
     base: &Path,
     space: &SpaceName,
@@ -485,7 +501,7 @@ async fn local_ingest(
     store
         .configure_space(space, PolicyKind::Lww.policy())
         .await?;
-    let pages: Vec<Vec<Event>> = events.chunks(1_000).map(<[Event]>::to_vec).collect();
+    let pages: Vec<Vec<Event>> = events.chunks(PAGE).map(<[Event]>::to_vec).collect();
     let start = Instant::now();
     let deadline = start + max_time;
     let mut applied = 0usize;
