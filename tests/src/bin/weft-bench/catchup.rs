@@ -29,7 +29,7 @@ pub const RUN: usize = 250;
 /// Events per pull page of the node's sync loop (`SyncConfig::page_events`): the
 /// commit size of the batched-append baseline and the page of the local-ingest
 /// diagnostic, so that both are measured in the shape the catch-up commits in.
-const PAGE: usize = 5_000;
+const PAGE: usize = 1_000;
 
 /// Events per `Store::ingest` call while building the source's log; a multiple of
 /// [`RUN`], so every batch ends on a signed event.
