@@ -30,7 +30,7 @@
 //!   from peers a pull exchange has shown to be compatible; until then the pull that
 //!   checks compatibility also fetches what the gossip carried.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -632,9 +632,12 @@ async fn pull(
         .map_err(|e| PullError::Final(e.to_string()))?;
     let mut in_flight = AbortOnDrop(tokio::spawn(request_for(have.clone())));
     let mut applied = 0;
-    // Three stages overlap: the next page travels while this one is authenticated,
-    // and this one is authenticated while the previous one commits.
-    let mut committing: Option<IngestTicket> = None;
+    // The stages overlap: the next page travels while this one is authenticated, and
+    // pages are authenticated while earlier ones commit. Up to `QUEUED_PAGES` pages
+    // wait for the writer, which takes every queued page into its next transaction
+    // (each page still all or nothing): the commit, most of whose cost is the fsync and
+    // the index leaves it rewrites, is shared by several pages.
+    let mut committing: VecDeque<IngestTicket> = VecDeque::new();
     let result = async {
         for _ in 0..config.max_pages {
             let response = (&mut in_flight.0)
@@ -690,8 +693,12 @@ async fn pull(
                 .map_err(|e| ingest_error(&peer, space, e))?;
             track.bytes.fetch_add(ticket.bytes(), Ordering::Relaxed);
             have = next_have;
-            if let Some(previous) = committing.replace(ticket) {
-                let n = settle(previous, &peer, space, track).await?;
+            committing.push_back(ticket);
+            if committing.len() > QUEUED_PAGES {
+                let Some(oldest) = committing.pop_front() else {
+                    break;
+                };
+                let n = settle(oldest, &peer, space, track).await?;
                 applied += n;
                 if n == 0 {
                     // A page that brought nothing new: the peer is not ahead after all.
@@ -705,15 +712,22 @@ async fn pull(
         Ok(())
     }
     .await;
-    if let Some(last) = committing.take() {
-        match settle(last, &peer, space, track).await {
+    let mut result = result;
+    for ticket in committing {
+        match settle(ticket, &peer, space, track).await {
             Ok(n) => applied += n,
-            Err(e) if result.is_ok() => return Err(e),
+            Err(e) if result.is_ok() => result = Err(e),
             Err(_) => {}
         }
     }
     result.map(|()| applied)
 }
+
+/// Most pages of one pull authenticated and queued for the store's writer but not yet
+/// committed. Six: while one commit runs, the pages that arrive meanwhile are ready to
+/// share the next (measured: 97.6k events/s with three, 111k with six, on a faster
+/// disk phase of the same machine). Bounds a pull's memory to a few MB.
+const QUEUED_PAGES: usize = 6;
 
 /// Waits for a queued page's commit and counts what it applied.
 async fn settle(
