@@ -724,10 +724,12 @@ async fn pull(
 }
 
 /// Most pages of one pull authenticated and queued for the store's writer but not yet
-/// committed. Six: while one commit runs, the pages that arrive meanwhile are ready to
-/// share the next (measured: 97.6k events/s with three, 111k with six, on a faster
-/// disk phase of the same machine). Bounds a pull's memory to a few MB.
-const QUEUED_PAGES: usize = 6;
+/// committed. Twelve: while one commit runs, the pages that arrive meanwhile are ready
+/// to share the next, and the more pages a commit holds the fewer index leaves it
+/// rewrites per event (`weft-bench catchup`, medians of three rounds: 97.6k events/s
+/// with three, 108–111k with six, 115–124k with twelve). Bounds a pull's memory to
+/// about 10 MB of typical events.
+const QUEUED_PAGES: usize = 12;
 
 /// Waits for a queued page's commit and counts what it applied.
 async fn settle(

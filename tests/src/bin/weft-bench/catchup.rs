@@ -31,6 +31,9 @@ pub const RUN: usize = 250;
 /// diagnostic, so that both are measured in the shape the catch-up commits in.
 const PAGE: usize = 1_000;
 
+/// Records per commit of the second batched-append baseline: a bulk load's commits.
+const BIG_COMMIT: u64 = 10_000;
+
 /// Events per `Store::ingest` call while building the source's log; a multiple of
 /// [`RUN`], so every batch ends on a signed event.
 const BUILD_PAGE: usize = 4 * RUN;
@@ -134,6 +137,8 @@ pub async fn run(args: Args) -> Result<()> {
     let mut wire = Vec::new();
     let mut pulled = Vec::new();
     let mut disk = Vec::new();
+    let mut batched_10k = Vec::new();
+    let mut ratio_10k = Vec::new();
     for r in 0..args.repeat {
         let round = common::tempdir(Some(root.path()))?;
         let before = common::heed_batched_append(
@@ -158,6 +163,15 @@ pub async fn run(args: Args) -> Result<()> {
             PAGE as u64,
             max_time,
         )?;
+        // The store may commit several queued pages at once, so the same bytes are
+        // also appended with the large commits a bulk load would use.
+        let big = common::heed_batched_append(
+            &round.path().join("big"),
+            &values,
+            n,
+            BIG_COMMIT,
+            max_time,
+        )?;
         let tcp_mbps = tcp_loopback(total_bytes, max_time).await?;
         drop(round);
         // The same record count twice: records over total time is the harmonic mean.
@@ -165,7 +179,8 @@ pub async fn run(args: Args) -> Result<()> {
         let rate = n as f64 / run.secs;
         note(format!(
             "round {}: catch-up of {n} events in {:.2} s: {rate:.0} events/s, {:.1} MB/s; \
-             heed batched append of the same bytes {before:.0}/s and {after:.0}/s; \
+             heed batched append of the same bytes {before:.0}/s and {after:.0}/s \
+             (commit per {PAGE}), {big:.0}/s (commit per {BIG_COMMIT}); \
              TCP loopback {tcp_mbps:.0} MB/s",
             r + 1,
             run.secs,
@@ -175,6 +190,8 @@ pub async fn run(args: Args) -> Result<()> {
         mbps.push(total_bytes as f64 / run.secs / 1e6);
         batched.push(base);
         ratio.push(100.0 * rate / base);
+        batched_10k.push(big);
+        ratio_10k.push(100.0 * rate / big);
         tcp.push(tcp_mbps);
         first_event.push(run.first_event_ms);
         cpu.push(run.cpu_us_per_event);
@@ -191,6 +208,16 @@ pub async fn run(args: Args) -> Result<()> {
         Figure::new("baseline_heed_batched_append", median(batched), "records/s"),
         Figure::new("baseline_tcp_loopback", median(tcp), "MB/s"),
         Figure::new("catchup_vs_batched_append", median(ratio), "%"),
+        Figure::new(
+            "baseline_heed_batched_append_commit_10k",
+            median(batched_10k),
+            "records/s",
+        ),
+        Figure::new(
+            "catchup_vs_batched_append_commit_10k",
+            median(ratio_10k),
+            "%",
+        ),
     ];
     if !args.no_diag {
         figures.push(Figure::new(
