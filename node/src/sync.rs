@@ -638,7 +638,7 @@ async fn pull(
     // (each page still all or nothing): the commit, most of whose cost is the fsync and
     // the index leaves it rewrites, is shared by several pages.
     let mut committing: VecDeque<IngestTicket> = VecDeque::new();
-    let result = async {
+    let mut result = async {
         for _ in 0..config.max_pages {
             let response = (&mut in_flight.0)
                 .await
@@ -712,7 +712,6 @@ async fn pull(
         Ok(())
     }
     .await;
-    let mut result = result;
     for ticket in committing {
         match settle(ticket, &peer, space, track).await {
             Ok(n) => applied += n,
