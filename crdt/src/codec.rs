@@ -13,19 +13,18 @@
 //! So the reader never has to reproduce ciborium's leniency or its error messages, only
 //! to recognise what ciborium's writer produces.
 
-const UINT: u8 = 0;
-const BYTES: u8 = 2;
-const TEXT: u8 = 3;
-const ARRAY: u8 = 4;
-const MAP: u8 = 5;
-const NULL: u8 = 0xf6;
+pub(crate) const UINT: u8 = 0;
+pub(crate) const BYTES: u8 = 2;
+pub(crate) const TEXT: u8 = 3;
+pub(crate) const ARRAY: u8 = 4;
+pub(crate) const MAP: u8 = 5;
+pub(crate) const NULL: u8 = 0xf6;
 
 /// The largest head: an initial byte and an 8-byte argument.
 pub(crate) const MAX_HEAD_LEN: usize = 9;
 
 /// The size of the shortest head with argument `n`.
-#[cfg(test)]
-fn head_len(n: u64) -> usize {
+pub(crate) fn head_len(n: u64) -> usize {
     match n {
         0..=23 => 1,
         24..=0xff => 2,
@@ -191,25 +190,28 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// Arguments at and around every boundary between head sizes, for tests of the codecs
+/// built on these heads.
+#[cfg(test)]
+pub(crate) const BOUNDARIES: [u64; 11] = [
+    0,
+    1,
+    23,
+    24,
+    255,
+    256,
+    65_535,
+    65_536,
+    u32::MAX as u64,
+    u32::MAX as u64 + 1,
+    u64::MAX,
+];
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-
-    const BOUNDARIES: [u64; 11] = [
-        0,
-        1,
-        23,
-        24,
-        255,
-        256,
-        65_535,
-        65_536,
-        u32::MAX as u64,
-        u32::MAX as u64 + 1,
-        u64::MAX,
-    ];
 
     fn ciborium<T: serde::Serialize>(v: &T) -> Vec<u8> {
         let mut out = Vec::new();

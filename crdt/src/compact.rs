@@ -52,6 +52,7 @@ use std::fmt;
 use thiserror::Error;
 
 use crate::clock::VectorClock;
+use crate::codec::{head_len, Writer, ARRAY, BYTES, MAP, NULL, TEXT, UINT};
 use crate::error::EventError;
 use crate::event::{Event, EventHash, Op};
 use crate::hlc::Hlc;
@@ -239,39 +240,39 @@ impl BatchEncoder {
             .iter()
             .filter(|f| flags & **f != 0)
             .count();
-        let out = &mut self.body;
-        write_head(out, ARRAY, fields as u64);
-        write_head(out, UINT, flags);
-        write_head(out, UINT, origin);
+        let mut w = Writer::new(&mut self.body);
+        w.array(fields);
+        w.uint(flags);
+        w.uint(origin);
         if flags & SEQ != 0 {
-            write_head(out, UINT, event.seq);
+            w.uint(event.seq);
         }
-        write_head(out, ARRAY, 2 * delta.len() as u64);
+        w.array(2 * delta.len());
         for (index, seq) in delta {
-            write_head(out, UINT, index);
-            write_head(out, UINT, seq);
+            w.uint(index);
+            w.uint(seq);
         }
-        write_head(out, UINT, event.hlc.0.abs_diff(base.hlc));
-        write_text(out, &event.key);
+        w.uint(event.hlc.0.abs_diff(base.hlc));
+        w.text(&event.key);
         if flags & KIND != 0 {
-            write_text(out, &event.kind);
+            w.text(&event.kind);
         }
-        write_bytes(out, &event.payload);
+        w.bytes(&event.payload);
         if flags & META != 0 {
-            write_head(out, MAP, event.meta.len() as u64);
+            w.map(event.meta.len());
             for (k, v) in &event.meta {
-                write_text(out, k);
-                write_text(out, v);
+                w.text(k);
+                w.text(v);
             }
         }
         if flags & PREV != 0 {
             match &event.prev {
-                Some(h) => write_bytes(out, &h.0),
-                None => out.push(NULL),
+                Some(h) => w.bytes(&h.0),
+                None => w.null(),
             }
         }
         if let Some(sig) = &event.sig {
-            write_bytes(out, sig);
+            w.bytes(sig);
         }
 
         self.events += 1;
@@ -289,13 +290,14 @@ impl BatchEncoder {
     /// The encoded batch.
     pub fn finish(self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.encoded_len());
-        write_head(&mut out, ARRAY, 3);
-        write_head(&mut out, UINT, BATCH_VERSION);
-        write_head(&mut out, ARRAY, self.ids.len() as u64);
+        let mut w = Writer::new(&mut out);
+        w.array(3);
+        w.uint(BATCH_VERSION);
+        w.array(self.ids.len());
         for id in &self.ids {
-            write_bytes(&mut out, id.as_bytes());
+            w.bytes(id.as_bytes());
         }
-        write_head(&mut out, ARRAY, self.events as u64);
+        w.array(self.events);
         out.extend_from_slice(&self.body);
         out
     }
@@ -538,57 +540,13 @@ fn malformed(reason: impl fmt::Display) -> BatchError {
     BatchError::Malformed(reason.to_string())
 }
 
-// The CBOR subset of compact batches: unsigned integers, byte and text strings, arrays
-// and maps of definite length, and null; every head in its shortest form.
+// The CBOR subset of compact batches is the one of canonical events
+// (`crate::codec`): unsigned integers, byte and text strings, arrays and maps of
+// definite length, and null; every head written in its shortest form. Batches are
+// written with `codec::Writer`; they are read with the `Reader` below, which, unlike
+// the codec's strict one, names what it found wrong (a batch comes from a peer).
 
-const UINT: u8 = 0;
-const BYTES: u8 = 2;
-const TEXT: u8 = 3;
-const ARRAY: u8 = 4;
-const MAP: u8 = 5;
-const NULL: u8 = 0xf6;
-
-fn head_len(n: u64) -> usize {
-    match n {
-        0..=23 => 1,
-        24..=0xff => 2,
-        0x100..=0xffff => 3,
-        0x1_0000..=0xffff_ffff => 5,
-        _ => 9,
-    }
-}
-
-fn write_head(out: &mut Vec<u8>, major: u8, n: u64) {
-    let m = major << 5;
-    match n {
-        0..=23 => out.push(m | n as u8),
-        24..=0xff => out.extend_from_slice(&[m | 24, n as u8]),
-        0x100..=0xffff => {
-            out.push(m | 25);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        0x1_0000..=0xffff_ffff => {
-            out.push(m | 26);
-            out.extend_from_slice(&(n as u32).to_be_bytes());
-        }
-        _ => {
-            out.push(m | 27);
-            out.extend_from_slice(&n.to_be_bytes());
-        }
-    }
-}
-
-fn write_bytes(out: &mut Vec<u8>, b: &[u8]) {
-    write_head(out, BYTES, b.len() as u64);
-    out.extend_from_slice(b);
-}
-
-fn write_text(out: &mut Vec<u8>, s: &str) {
-    write_head(out, TEXT, s.len() as u64);
-    out.extend_from_slice(s.as_bytes());
-}
-
-/// Reads the CBOR subset above from a byte slice. Every length is checked against the
+/// Reads that CBOR subset from a byte slice. Every length is checked against the
 /// bytes left before it is used, so no input can make it read out of bounds or reserve
 /// more than the input's size.
 struct Reader<'a> {
@@ -942,12 +900,13 @@ mod tests {
         );
 
         let mut out = Vec::new();
-        write_head(&mut out, ARRAY, 3);
-        write_head(&mut out, UINT, BATCH_VERSION);
-        write_head(&mut out, ARRAY, 0);
-        write_head(&mut out, ARRAY, 1);
-        write_head(&mut out, ARRAY, 6);
-        write_head(&mut out, UINT, 1 << 7);
+        let mut w = Writer::new(&mut out);
+        w.array(3);
+        w.uint(BATCH_VERSION);
+        w.array(0);
+        w.array(1);
+        w.array(6);
+        w.uint(1 << 7);
         let err = decode_batch(&out, BUDGET).unwrap_err().to_string();
         assert!(err.contains("unknown event flags"), "{err}");
     }
@@ -956,25 +915,26 @@ mod tests {
     /// origin (id 0, seq 2 when `SEQ` is set), an empty clock delta and hlc 1.
     fn one_event(flags: u64, tail: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
         let mut out = Vec::new();
-        write_head(&mut out, ARRAY, 3);
-        write_head(&mut out, UINT, BATCH_VERSION);
-        write_head(&mut out, ARRAY, 1);
-        write_bytes(&mut out, &[7; 32]);
-        write_head(&mut out, ARRAY, 1);
+        let mut w = Writer::new(&mut out);
+        w.array(3);
+        w.uint(BATCH_VERSION);
+        w.array(1);
+        w.bytes(&[7; 32]);
+        w.array(1);
         let fields = 6 + [SEQ, KIND, META, PREV, SIGNED]
             .iter()
             .filter(|f| flags & **f != 0)
             .count();
-        write_head(&mut out, ARRAY, fields as u64);
-        write_head(&mut out, UINT, flags);
-        write_head(&mut out, UINT, 0);
+        w.array(fields);
+        w.uint(flags);
+        w.uint(0);
         if flags & SEQ != 0 {
-            write_head(&mut out, UINT, 2);
+            w.uint(2);
         }
-        write_head(&mut out, ARRAY, 0);
-        write_head(&mut out, UINT, 1);
-        write_text(&mut out, "k");
-        write_bytes(&mut out, &[]);
+        w.array(0);
+        w.uint(1);
+        w.text("k");
+        w.bytes(&[]);
         tail(&mut out);
         out
     }
@@ -990,10 +950,10 @@ mod tests {
         let err = decode_batch(&forged, BUDGET).unwrap_err().to_string();
         assert!(err.contains("predecessor is not in the batch"), "{err}");
         // With it explicit, the same event decodes.
-        let explicit = one_event(SEQ | PREV, |out| write_bytes(out, &[1; 32]));
+        let explicit = one_event(SEQ | PREV, |out| Writer::new(out).bytes(&[1; 32]));
         let e = decode_batch(&explicit, BUDGET).unwrap().remove(0);
         assert_eq!((e.seq, e.prev), (2, Some(EventHash([1; 32]))));
-        let bad = one_event(SEQ | PREV, |out| write_bytes(out, &[1; 31]));
+        let bad = one_event(SEQ | PREV, |out| Writer::new(out).bytes(&[1; 31]));
         let err = decode_batch(&bad, BUDGET).unwrap_err().to_string();
         assert!(err.contains("prev must be 32 bytes"), "{err}");
     }
@@ -1037,23 +997,24 @@ mod tests {
 
         // A clock delta beyond the entry limit is refused as it is read.
         let mut out = Vec::new();
-        write_head(&mut out, ARRAY, 3);
-        write_head(&mut out, UINT, BATCH_VERSION);
+        let mut w = Writer::new(&mut out);
+        w.array(3);
+        w.uint(BATCH_VERSION);
         let n = MAX_CLOCK_ENTRIES as u64 + 2;
-        write_head(&mut out, ARRAY, n);
+        w.array(n as usize);
         for i in 0..n {
             let mut b = [0u8; 32];
             b[..8].copy_from_slice(&i.to_be_bytes());
-            write_bytes(&mut out, &b);
+            w.bytes(&b);
         }
-        write_head(&mut out, ARRAY, 1);
-        write_head(&mut out, ARRAY, 6);
-        write_head(&mut out, UINT, 0);
-        write_head(&mut out, UINT, 0);
-        write_head(&mut out, ARRAY, 2 * n);
+        w.array(1);
+        w.array(6);
+        w.uint(0);
+        w.uint(0);
+        w.array(2 * n as usize);
         for i in 0..n {
-            write_head(&mut out, UINT, i);
-            write_head(&mut out, UINT, 1);
+            w.uint(i);
+            w.uint(1);
         }
         let err = decode_batch(&out, BUDGET).unwrap_err().to_string();
         assert!(err.contains("clock has more than"), "{err}");
@@ -1088,25 +1049,13 @@ mod tests {
     }
 
     #[test]
-    fn the_head_codec_writes_the_shortest_form_ciborium_reads() {
-        for n in [
-            0u64,
-            23,
-            24,
-            255,
-            256,
-            65_535,
-            65_536,
-            u32::MAX as u64,
-            u64::MAX,
-        ] {
+    fn the_batch_reader_reads_every_head_the_writer_writes() {
+        for n in crate::codec::BOUNDARIES {
             let mut out = Vec::new();
-            write_head(&mut out, UINT, n);
-            assert_eq!(out.len(), head_len(n));
-            let mut theirs = Vec::new();
-            ciborium::into_writer(&n, &mut theirs).unwrap();
-            assert_eq!(out, theirs, "{n}");
-            assert_eq!(Reader::new(&out).uint().unwrap(), n);
+            Writer::new(&mut out).uint(n);
+            let mut r = Reader::new(&out);
+            assert_eq!(r.uint().unwrap(), n);
+            assert!(r.is_empty());
         }
     }
 }

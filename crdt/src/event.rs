@@ -419,6 +419,24 @@ impl UnsignedEvent {
 }
 
 impl Event {
+    /// The event without its signature: what its origin signed, or sealed unsigned.
+    /// The inverse of [`UnsignedEvent::sign`] and [`UnsignedEvent::seal_unsigned`], for
+    /// a writer that signs an event it first stored unsigned.
+    pub fn into_unsigned(self) -> UnsignedEvent {
+        UnsignedEvent {
+            origin: self.origin,
+            seq: self.seq,
+            clock: self.clock,
+            hlc: self.hlc,
+            key: self.key,
+            op: self.op,
+            kind: self.kind,
+            payload: self.payload,
+            meta: self.meta,
+            prev: self.prev,
+        }
+    }
+
     /// `(origin, seq)`.
     pub fn id(&self) -> EventId {
         EventId::new(self.origin, self.seq)

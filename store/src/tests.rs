@@ -2012,20 +2012,9 @@ async fn a_replica_shows_nothing_of_a_transaction_until_all_of_it_arrives() {
 fn signed_each(events: &[Event], k: &SigningKey) -> Vec<Event> {
     let mut out: Vec<Event> = Vec::new();
     for e in events {
-        let e = e.clone();
-        let signed = UnsignedEvent {
-            origin: e.origin,
-            seq: e.seq,
-            clock: e.clock,
-            hlc: e.hlc,
-            key: e.key,
-            op: e.op,
-            kind: e.kind,
-            payload: e.payload,
-            meta: e.meta,
-            prev: out.last().map(Event::hash),
-        }
-        .sign(&space(), k);
+        let mut unsigned = e.clone().into_unsigned();
+        unsigned.prev = out.last().map(Event::hash);
+        let signed = unsigned.sign(&space(), k);
         out.push(signed);
     }
     out

@@ -196,14 +196,6 @@ enum Attempt {
     Committed(Vec<Result<Done, StoreError>>),
 }
 
-/// A command's result as its caller receives it.
-enum Answer {
-    Append(Box<Applied>),
-    Ingest(IngestOutcome),
-    Configure,
-    Transaction(Vec<Applied>),
-}
-
 /// What an ingest command did, before the commit: [`IngestOutcome`] once its events
 /// are shared with subscribers.
 #[derive(Default)]
@@ -636,20 +628,9 @@ impl Writer {
                 let bytes = t.events.get(txn, &key)?.ok_or_else(|| {
                     StoreError::Corrupt(format!("own event at lsn {lsn} missing"))
                 })?;
-                let e = decode_event(bytes, format_args!("event at lsn {lsn}"))?;
-                let event = UnsignedEvent {
-                    origin: e.origin,
-                    seq: e.seq,
-                    clock: e.clock,
-                    hlc: e.hlc,
-                    key: e.key,
-                    op: e.op,
-                    kind: e.kind,
-                    payload: e.payload,
-                    meta: e.meta,
-                    prev: e.prev,
-                }
-                .sign(space, &self.signing_key);
+                let event = decode_event(bytes, format_args!("event at lsn {lsn}"))?
+                    .into_unsigned()
+                    .sign(space, &self.signing_key);
                 let sig = event
                     .sig
                     .ok_or_else(|| StoreError::Corrupt("signing produced no signature".into()))?;
@@ -685,59 +666,42 @@ impl Writer {
         Ok(signed)
     }
 
-    /// Broadcasts what a committed batch applied, then answers its commands.
+    /// Hands each command's applied events to subscribers, then answers the command.
     ///
     /// An ingested event is moved into one `Arc` that both the subscribers and the
     /// caller hold: a catch-up applies hundreds of thousands of events, and a copy of
     /// each for the commit feed cost more than a tenth of the writer's time.
     fn answer(&self, batch: Vec<Command>, results: Vec<Result<Done, StoreError>>) {
         let feed = self.applied_tx.receiver_count() > 0;
-        let results: Vec<Result<Answer, StoreError>> = results
-            .into_iter()
-            .map(|r| {
-                r.map(|done| match done {
-                    Done::Append(a) => {
-                        if feed {
-                            self.broadcast(Arc::new((*a).clone()));
-                        }
-                        Answer::Append(a)
-                    }
-                    Done::Ingest(o) => {
-                        let applied: Vec<Arc<Applied>> =
-                            o.applied.into_iter().map(Arc::new).collect();
-                        if feed {
-                            applied.iter().for_each(|a| self.broadcast(a.clone()));
-                        }
-                        Answer::Ingest(IngestOutcome {
-                            applied,
-                            duplicates: o.duplicates,
-                            parked: o.parked,
-                        })
-                    }
-                    Done::Transaction(all) => {
-                        if feed {
-                            all.iter().for_each(|a| self.broadcast(Arc::new(a.clone())));
-                        }
-                        Answer::Transaction(all)
-                    }
-                    Done::Configure => Answer::Configure,
-                })
-            })
-            .collect();
         for (cmd, r) in batch.into_iter().zip(results) {
             // A caller that stopped waiting (dropped its future) is not an error: the
-            // data is committed either way.
+            // data is committed either way. Subscribers see each command's events
+            // before its caller has its answer.
             match (cmd, r) {
-                (Command::Append { reply, .. }, Ok(Answer::Append(a))) => {
+                (Command::Append { reply, .. }, Ok(Done::Append(a))) => {
+                    if feed {
+                        self.broadcast(Arc::new((*a).clone()));
+                    }
                     let _ = reply.send(Ok(*a));
                 }
-                (Command::Ingest { reply, .. }, Ok(Answer::Ingest(o))) => {
-                    let _ = reply.send(Ok(o));
+                (Command::Ingest { reply, .. }, Ok(Done::Ingest(o))) => {
+                    let applied: Vec<Arc<Applied>> = o.applied.into_iter().map(Arc::new).collect();
+                    if feed {
+                        applied.iter().for_each(|a| self.broadcast(a.clone()));
+                    }
+                    let _ = reply.send(Ok(IngestOutcome {
+                        applied,
+                        duplicates: o.duplicates,
+                        parked: o.parked,
+                    }));
                 }
-                (Command::Configure { reply, .. }, Ok(Answer::Configure)) => {
+                (Command::Configure { reply, .. }, Ok(Done::Configure)) => {
                     let _ = reply.send(Ok(()));
                 }
-                (Command::Transaction { reply, .. }, Ok(Answer::Transaction(all))) => {
+                (Command::Transaction { reply, .. }, Ok(Done::Transaction(all))) => {
+                    if feed {
+                        all.iter().for_each(|a| self.broadcast(Arc::new(a.clone())));
+                    }
                     let _ = reply.send(Ok(all));
                 }
                 (cmd, Err(e)) => reply_err(cmd, e),

@@ -167,18 +167,7 @@ async fn round(args: &Args, dir: &Path) -> Result<Vec<Figure>> {
             pct(&run.append, 50.0),
             pct(&run.append, 99.0),
         ));
-        for p in [50.0, 90.0, 99.0] {
-            figures.push(Figure::new(
-                format!("{name}_p{p:.0}"),
-                pct(&run.latency, p),
-                us,
-            ));
-        }
-        figures.push(Figure::new(
-            format!("{name}_max"),
-            pct(&run.latency, 100.0),
-            us,
-        ));
+        figures.extend(spread(name, &run.latency));
         figures.push(Figure::new(
             format!("{append_name}_p50"),
             pct(&run.append, 50.0),
@@ -249,18 +238,7 @@ async fn round(args: &Args, dir: &Path) -> Result<Vec<Figure>> {
                 run.cpu_per_write,
                 run.cores_busy,
             ));
-            for p in [50.0, 90.0, 99.0] {
-                figures.push(Figure::new(
-                    format!("{name}_p{p:.0}"),
-                    pct(&run.latency, p),
-                    us,
-                ));
-            }
-            figures.push(Figure::new(
-                format!("{name}_max"),
-                pct(&run.latency, 100.0),
-                us,
-            ));
+            figures.extend(spread(&name, &run.latency));
             figures.push(Figure::new(
                 format!("{name}_write_rate"),
                 run.rate,
@@ -351,6 +329,14 @@ fn medians(rounds: Vec<Vec<Figure>>) -> Vec<Figure> {
 }
 
 /// The `p`th percentile (nearest rank) of `xs`; 0 when empty.
+/// `{name}_p50`, `_p90`, `_p99` and `_max` of latencies in microseconds.
+fn spread(name: &str, latency: &[f64]) -> Vec<Figure> {
+    [(50.0, "p50"), (90.0, "p90"), (99.0, "p99"), (100.0, "max")]
+        .into_iter()
+        .map(|(p, label)| Figure::new(format!("{name}_{label}"), pct(latency, p), "µs"))
+        .collect()
+}
+
 fn pct(xs: &[f64], p: f64) -> f64 {
     if xs.is_empty() {
         return 0.0;
