@@ -723,12 +723,13 @@ async fn pull(
 }
 
 /// Most pages of one pull authenticated and queued for the store's writer but not yet
-/// committed. Twelve: while one commit runs, the pages that arrive meanwhile are ready
-/// to share the next, and the more pages a commit holds the fewer index leaves it
-/// rewrites per event (`weft-bench catchup`, medians of three rounds: 97.6k events/s
-/// with three, 108–111k with six, 115–124k with twelve). Bounds a pull's memory to
-/// about 10 MB of typical events.
-const QUEUED_PAGES: usize = 12;
+/// committed. Twenty-four: while one commit runs, the pages that arrive meanwhile are
+/// ready to share the next, and the more pages a commit holds the fewer index leaves it
+/// rewrites per event. `weft-bench catchup`, 1M events, rounds interleaved on one
+/// machine: 95–98k events/s with twelve, 110–120k with twenty-four, 107–122k with
+/// forty-eight (earlier: 97.6k with three, 108–111k with six). Bounds a pull's memory
+/// to about 20 MB of typical events.
+const QUEUED_PAGES: usize = 24;
 
 /// Waits for a queued page's commit and counts what it applied.
 async fn settle(
