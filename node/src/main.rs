@@ -61,7 +61,8 @@ enum Command {
         #[arg(long, default_value = "lww")]
         resolver: PolicyKind,
         /// full: every acknowledged write is fsynced first. relaxed: flushed every
-        /// 100 ms; a process kill loses nothing, a power cut may lose the last 100 ms.
+        /// 100 ms; a process kill loses nothing, a power cut may lose the last 100 ms
+        /// (and can leave the store inconsistent; see ARCHITECTURE.md).
         #[arg(long, default_value = "full", value_parser = parse_durability)]
         durability: Durability,
     },

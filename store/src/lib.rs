@@ -49,10 +49,14 @@
 //!   `force_sync` at most every `flush_every` when it has committed since the last
 //!   flush (and on close). `kill -9` of the process loses nothing — the kernel still
 //!   has the pages and writes them out. A machine crash or power cut may lose the
-//!   commits of the last `flush_every` (it rolls back to an earlier committed state,
-//!   still consistent; lost local events are re-created with the same seqs, which a
-//!   peer that already received the lost ones would see as a fork — use it where
-//!   throughput matters more than the last few writes on power loss).
+//!   commits of the last `flush_every`; lost local events are re-created with the same
+//!   seqs, which a peer that already received the lost ones would see as a fork. And
+//!   the rollback is to a consistent state only where the file system writes a file's
+//!   pages out in the order they were written, which is LMDB's own condition for
+//!   `NO_SYNC`: most do not promise it (ext4 and XFS write back dirty pages in any
+//!   order), so there a power cut can also leave the file inconsistent; run
+//!   `weft check` on the directory after one. Use it where throughput matters more
+//!   than the last writes before a power loss.
 //!
 //! A data directory must be opened by one process at a time: LMDB would let a second
 //! process in, and two writer threads with separate caches would hand out the same lsn
@@ -151,7 +155,8 @@ pub enum Durability {
     /// the OS page cache, and the writer flushes to disk (`fsync`) at most every
     /// `flush_every`, whenever it has committed something since the last flush, and
     /// when the store closes. A killed process loses nothing; a machine crash or power
-    /// cut may lose the commits of the last `flush_every` (never a torn state).
+    /// cut may lose the commits of the last `flush_every`, and on file systems that
+    /// write pages back out of order (most) may leave the file inconsistent.
     Relaxed {
         /// Longest time a commit may stay unflushed while the writer is running.
         flush_every: Duration,
