@@ -71,6 +71,7 @@
 
 mod check;
 mod error;
+mod flush;
 mod map;
 mod reads;
 mod tables;
@@ -384,7 +385,7 @@ impl Store {
             applied_tx.clone(),
         )?
         .with_map(map.clone())
-        .with_durability(config.durability);
+        .with_durability(config.durability)?;
         let (tx, rx) = mpsc::channel(config.writer_queue.max(1));
         let handle = std::thread::Builder::new()
             .name("weft-store-writer".into())

@@ -40,8 +40,9 @@
 //! commit fails, every command of the batch gets the error and the cache is reloaded
 //! from disk. No answer is sent before its data is durable.
 //!
-//! Durability and growth: in relaxed mode the thread also flushes (`force_sync`) at
-//! most every `flush_every` while it has unflushed commits, waking up for it when idle.
+//! Durability and growth: in relaxed mode a flush thread (`flush.rs`) calls
+//! `force_sync` at most every `flush_every` while there are commits it has not flushed;
+//! the writer only tells it that it committed, and never waits for the disk itself.
 //! A batch that hits `MapFull` is aborted, the map doubled (`map.rs`) and the batch run
 //! again; the map is also grown after a commit that leaves it more than 80% used.
 //!
@@ -70,6 +71,7 @@ use weft_crdt::{
     SigningKey, SpaceName, UnsignedEvent, VersionVector,
 };
 
+use crate::flush::Flusher;
 use crate::map::{self, MapControl};
 use crate::tables::{
     decode_event, encode_cbor, event_key, hash_of_encoding, id_key, origin_key, record_key,
@@ -243,11 +245,8 @@ pub(crate) struct Writer {
     last_answered: Instant,
     applied_tx: broadcast::Sender<Arc<Applied>>,
     map: Arc<MapControl>,
-    /// `Some` in relaxed mode: the longest a commit may stay unflushed.
-    flush_every: Option<Duration>,
-    /// Relaxed mode: something was committed since the last flush.
-    unflushed: bool,
-    last_flush: Instant,
+    /// Relaxed mode: the thread that flushes commits to disk.
+    flusher: Option<Flusher>,
 }
 
 /// How far ahead of our wall clock a remote HLC reading may be and still be followed.
@@ -336,9 +335,7 @@ impl Writer {
             last_answered: Instant::now(),
             applied_tx,
             map: Arc::new(MapControl::new(env_for_map, usize::MAX)),
-            flush_every: None,
-            unflushed: false,
-            last_flush: Instant::now(),
+            flusher: None,
         };
         w.reload()?;
         Ok(w)
@@ -389,25 +386,26 @@ impl Writer {
     }
 
     /// Sets the flush policy; must match the flags the environment was opened with.
-    pub fn with_durability(mut self, durability: Durability) -> Self {
-        self.flush_every = match durability {
+    /// Relaxed mode starts the flush thread.
+    pub fn with_durability(mut self, durability: Durability) -> Result<Self, StoreError> {
+        self.flusher = match durability {
             Durability::Full => None,
-            Durability::Relaxed { flush_every } => Some(flush_every),
+            Durability::Relaxed { flush_every } => {
+                Some(Flusher::start(self.env.clone(), flush_every)?)
+            }
         };
-        self
+        Ok(self)
     }
 
     /// Runs until every sender is dropped.
     pub fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
         loop {
-            let first = match recv_until(&mut commands, &waker, self.flush_deadline()) {
+            let first = match recv_until(&mut commands, &waker, None) {
                 Received::Command(c) => c,
                 Received::Closed => break,
-                Received::TimedOut => {
-                    self.flush();
-                    continue;
-                }
+                // No deadline was given.
+                Received::TimedOut => continue,
             };
             let mut batch = vec![first];
             let expected = self.last_batch.min(self.max_batch);
@@ -429,31 +427,11 @@ impl Writer {
             self.last_batch = batch.len();
             self.run_batch(batch);
             self.last_answered = Instant::now();
-            if self.flush_deadline().is_some_and(|d| d <= Instant::now()) {
-                self.flush();
-            }
         }
-        // A clean shutdown leaves nothing unflushed, in either mode.
-        if self.unflushed {
-            self.flush();
-        }
+        // A clean shutdown leaves nothing unflushed, in either mode: the flush thread
+        // makes its last flush and is joined.
+        drop(self.flusher.take());
         tracing::debug!("store writer: all handles dropped, exiting");
-    }
-
-    /// When the commits not yet flushed must be flushed (relaxed mode only).
-    fn flush_deadline(&self) -> Option<Instant> {
-        let every = self.flush_every?;
-        self.unflushed.then(|| self.last_flush + every)
-    }
-
-    /// Makes every commit so far durable (relaxed mode). A failure is logged and the
-    /// flush retried at the next deadline; the commits stay in the OS page cache.
-    fn flush(&mut self) {
-        match self.env.force_sync() {
-            Ok(()) => self.unflushed = false,
-            Err(e) => tracing::error!("store writer: flushing to disk failed: {e}"),
-        }
-        self.last_flush = Instant::now();
     }
 
     /// Runs one batch in one write transaction and answers every command in it.
@@ -512,8 +490,8 @@ impl Writer {
                     return;
                 }
                 Attempt::Committed(results) => {
-                    if self.flush_every.is_some() {
-                        self.unflushed = true;
+                    if let Some(f) = &self.flusher {
+                        f.committed();
                     }
                     if let Err(e) = self.map.grow_if_nearly_full() {
                         // Not fatal: the next batch that needs room grows or fails then.
