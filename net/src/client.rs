@@ -37,7 +37,7 @@ impl From<Verdict> for MessageAcceptance {
 }
 
 /// A request from a [`NetClient`] to the event loop; each carries the sender for its
-/// answer.
+/// answer, except a validation verdict, which has none to give.
 #[derive(Debug)]
 pub(crate) enum Command {
     ListenAddrs {
@@ -63,11 +63,13 @@ pub(crate) enum Command {
         request: PullRequest,
         reply: oneshot::Sender<Result<PullResponse, NetError>>,
     },
+    /// No answer: a receiver reports a verdict for every gossip message, and waiting for
+    /// an acknowledgement that carries nothing cost each message one more wake-up of
+    /// the reporting task.
     ReportValidation {
         message_id: MessageId,
         source: PeerId,
         verdict: Verdict,
-        reply: oneshot::Sender<()>,
     },
 }
 
@@ -197,20 +199,23 @@ impl NetClient {
     }
 
     /// Reports the node's verdict on a [`crate::NetEvent::Gossip`] message; `source` is the
-    /// event's `source`. Until it is reported, the message is not forwarded.
+    /// event's `source`. Until it is reported, the message is not forwarded. Returns once
+    /// the verdict is queued for the event loop (which takes commands in order), without
+    /// waiting for the loop to act on it.
     pub async fn report_validation(
         &self,
         message_id: MessageId,
         source: PeerId,
         verdict: Verdict,
     ) -> Result<(), NetError> {
-        self.ask(|reply| Command::ReportValidation {
-            message_id,
-            source,
-            verdict,
-            reply,
-        })
-        .await
+        self.commands
+            .send(Command::ReportValidation {
+                message_id,
+                source,
+                verdict,
+            })
+            .await
+            .map_err(|_| NetError::Shutdown)
     }
 }
 

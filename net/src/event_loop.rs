@@ -11,7 +11,8 @@
 //! - node -> network: [`NetClient`](crate::NetClient) methods send a [`Command`] with a
 //!   oneshot for the answer over a bounded channel (`NetConfig::command_buffer`); the
 //!   loop carries it out on the swarm and answers, at once or when the swarm reports the
-//!   outcome.
+//!   outcome. Gossip verdicts are the exception: they carry no oneshot, as there is
+//!   nothing to answer.
 //! - network -> node: swarm events become [`NetEvent`]s on a bounded channel
 //!   (`NetConfig::event_buffer`). Gossip that does not decode as a compact batch
 //!   within `NetConfig::max_gossip_bytes` of events, or arrives on an unknown topic, is
@@ -291,11 +292,7 @@ impl EventLoop {
                 message_id,
                 source,
                 verdict,
-                reply,
-            } => {
-                self.report(&message_id, &source, verdict.into());
-                let _ = reply.send(());
-            }
+            } => self.report(&message_id, &source, verdict.into()),
         }
     }
 

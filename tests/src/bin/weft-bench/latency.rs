@@ -265,6 +265,11 @@ async fn round(args: &Args, dir: &Path) -> Result<Vec<Figure>> {
                 run.gossip_messages_per_write,
                 "per receiver",
             ));
+            figures.push(Figure::new(
+                format!("diag_{diag}_pulls_per_1k_writes"),
+                run.pulls_per_1k_writes,
+                "all receivers",
+            ));
         }
     }
 
@@ -418,6 +423,9 @@ struct Run {
     /// Gossip messages each receiver delivered to its node per write (below 1 when the
     /// writer's publisher batched several writes into one message).
     gossip_messages_per_write: f64,
+    /// Pulls the receivers started per 1,000 writes: each is a gap gossip showed (an
+    /// event that arrived before its predecessor), and costs a round trip and a read.
+    pulls_per_1k_writes: f64,
 }
 
 /// Warms up until every receiver gets writes promptly, then measures `count` writes at
@@ -535,6 +543,7 @@ async fn timed_writes(
     // traffic below covers the whole run.
     let mut gossip_bytes = 0u64;
     let mut gossip_messages = 0u64;
+    let mut pulls = 0u64;
     for task in tasks {
         let got = task.await?;
         for (seq, ack) in &acks {
@@ -554,6 +563,7 @@ async fn timed_writes(
         let t = r.traffic().since(before);
         gossip_bytes += t.gossip.bytes_in;
         gossip_messages += t.gossip_messages_received;
+        pulls += t.pulls_sent;
     }
     let per = (count * receivers.len()).max(1) as f64;
     Ok(Run {
@@ -566,6 +576,7 @@ async fn timed_writes(
         cores_busy: cpu / wall,
         gossip_bytes_per_write: gossip_bytes as f64 / per,
         gossip_messages_per_write: gossip_messages as f64 / per,
+        pulls_per_1k_writes: pulls as f64 * 1000.0 / count.max(1) as f64,
     })
 }
 
