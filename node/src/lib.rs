@@ -31,8 +31,8 @@ pub use api::serve as serve_api;
 pub use error::NodeError;
 pub use mode::{SpaceMode, UnknownSpaceMode};
 pub use node::{
-    Conflict, Node, NodeBuilder, NodeStatus, PeerSyncStatus, Record, SpaceStatus, WriteRequest,
-    Written,
+    Conflict, Node, NodeBuilder, NodeStatus, PeerSyncStatus, Record, SpaceStatus, TrafficStatus,
+    WriteRequest, Written,
 };
 pub use payload::Payload;
 pub use sync_now::{ExchangeReport, SyncProgress, SyncReport};

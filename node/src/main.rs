@@ -725,6 +725,19 @@ async fn status(client: &Client, as_json: bool) -> Result<ExitCode> {
         body.get("peer_id").and_then(Value::as_str).unwrap_or("?")
     );
     println!("connected peers: {}", peers.len());
+    if let Some(t) = body.get("traffic") {
+        let n = |k: &str| t.get(k).and_then(Value::as_u64).unwrap_or(0);
+        println!(
+            "traffic: {} in, {} out over {} connections; gossip {} events out, {} in; pulled {} events, served {}",
+            human_bytes(n("bytes_in")),
+            human_bytes(n("bytes_out")),
+            n("connections"),
+            n("gossip_events_sent"),
+            n("gossip_events_received"),
+            n("events_pulled"),
+            n("events_served")
+        );
+    }
     let space = client.space.as_str();
     for p in &peers {
         let id = p.as_str().unwrap_or("?");

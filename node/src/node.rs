@@ -352,6 +352,54 @@ pub struct NodeStatus {
     /// Per peer and space, the last sync exchange: the peer's version vector as it then
     /// stood, how many events each side lacked, and how long ago it was.
     pub peer_sync: BTreeMap<String, BTreeMap<String, PeerSyncStatus>>,
+    /// What the node has exchanged with all peers since it started.
+    pub traffic: TrafficStatus,
+}
+
+/// Counters of a node's network traffic since it started, over all peers and spaces
+/// (the operator's view of [`Node::traffic`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct TrafficStatus {
+    /// Bytes read from peers' TCP connections, framing and encryption included.
+    pub bytes_in: u64,
+    /// Bytes written to peers' TCP connections.
+    pub bytes_out: u64,
+    /// TCP connections opened, inbound and outbound.
+    pub connections: u64,
+    /// Gossip messages this node published, and the events in them.
+    pub gossip_messages_sent: u64,
+    /// Events in the gossip messages this node published.
+    pub gossip_events_sent: u64,
+    /// Gossip messages received (decoded, on a hosted space's topic).
+    pub gossip_messages_received: u64,
+    /// Events in the gossip messages received.
+    pub gossip_events_received: u64,
+    /// Pull requests this node sent.
+    pub pulls_sent: u64,
+    /// Events received in answer to them.
+    pub events_pulled: u64,
+    /// Pull requests from peers this node answered.
+    pub pulls_served: u64,
+    /// Events in the pages it sent them.
+    pub events_served: u64,
+}
+
+impl From<weft_net::Traffic> for TrafficStatus {
+    fn from(t: weft_net::Traffic) -> Self {
+        TrafficStatus {
+            bytes_in: t.bytes_in,
+            bytes_out: t.bytes_out,
+            connections: t.connections,
+            gossip_messages_sent: t.gossip_messages_sent,
+            gossip_events_sent: t.gossip_events_sent,
+            gossip_messages_received: t.gossip_messages_received,
+            gossip_events_received: t.gossip_events_received,
+            pulls_sent: t.pulls_sent,
+            events_pulled: t.events_pulled,
+            pulls_served: t.pulls_served,
+            events_served: t.events_served,
+        }
+    }
 }
 
 /// What a node knows of one peer's replica of a space.
@@ -761,6 +809,7 @@ impl Node {
             spaces,
             peers,
             peer_sync,
+            traffic: self.traffic().into(),
         })
     }
 

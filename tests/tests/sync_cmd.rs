@@ -89,6 +89,18 @@ async fn sync_now_after_being_offline_reports_the_peer_and_the_events_pulled() -
     let json = serde_json::to_value(&report)?;
     assert_eq!(json["peers"][&a_peer]["default"]["pulled"], json!(WRITES));
 
+    // Both sides' status counts the exchange.
+    let (tb, ta) = (b.status().await?.traffic, a.status().await?.traffic);
+    assert!(tb.pulls_sent >= exchange.pages, "{tb:?}");
+    assert!(tb.events_pulled >= WRITES, "{tb:?}");
+    // The report counts the events' canonical bytes; the wire carries them compactly.
+    assert!(
+        tb.bytes_in > 0 && tb.bytes_in > ta.bytes_in,
+        "{tb:?}, A: {ta:?}"
+    );
+    assert!(ta.events_served >= WRITES, "{ta:?}");
+    assert!(ta.pulls_served >= exchange.pages, "{ta:?}");
+
     // Nothing is left to pull.
     let again = b.sync_now().await?;
     assert_eq!(again.peers[&a_peer]["default"].pulled, 0);
@@ -143,6 +155,18 @@ async fn weft_sync_after_being_offline_names_the_peer_and_the_count() {
     );
     assert_eq!(report["pulled"], json!(WRITES));
     assert_eq!(report["errors"], json!(0));
+    let status = b.http(reqwest::Method::GET, "/status", None).await.json();
+    let pulled = status
+        .pointer("/traffic/events_pulled")
+        .and_then(Value::as_u64);
+    assert!(pulled.is_some_and(|n| n >= WRITES), "{status}");
+    let out = b.cli_ok(&["status"]).await;
+    assert!(
+        out.stdout
+            .lines()
+            .any(|l| l.starts_with("traffic: ") && l.contains("pulled")),
+        "{out}"
+    );
     assert_eq!(
         b.version_vector(DEFAULT_SPACE).await,
         a.version_vector(DEFAULT_SPACE).await
