@@ -45,8 +45,8 @@
 //!   then the meta page before any command in the batch is answered. An acknowledged
 //!   `append` or `ingest` survives both `kill -9` and a power cut.
 //! - [`Durability::Relaxed`]: the environment runs with `NO_SYNC`; a commit is answered
-//!   once its pages are written to the OS page cache, and the writer calls
-//!   `force_sync` at most every `flush_every` when it has committed since the last
+//!   once its pages are written to the OS page cache, and a flush thread calls
+//!   `force_sync` at most every `flush_every` when there were commits since the last
 //!   flush (and on close). `kill -9` of the process loses nothing — the kernel still
 //!   has the pages and writes them out. A machine crash or power cut may lose the
 //!   commits of the last `flush_every`; lost local events are re-created with the same
@@ -153,7 +153,7 @@ pub enum Durability {
     #[default]
     Full,
     /// The environment runs with LMDB's `NO_SYNC`: a commit is acknowledged once it is in
-    /// the OS page cache, and the writer flushes to disk (`fsync`) at most every
+    /// the OS page cache, and a flush thread flushes to disk (`fsync`) at most every
     /// `flush_every`, whenever it has committed something since the last flush, and
     /// when the store closes. A killed process loses nothing; a machine crash or power
     /// cut may lose the commits of the last `flush_every`, and on file systems that
@@ -346,10 +346,10 @@ impl Store {
             .max_dbs(MAX_DBS)
             .max_readers(MAX_READERS);
         if let Durability::Relaxed { .. } = config.durability {
-            // SAFETY: NO_SYNC only gives up durability of the commits since the last
-            // `force_sync` on a machine crash (documented on `Durability::Relaxed`); the
-            // writer flushes on a timer and on close. It never makes the file
-            // inconsistent: LMDB still writes data pages before the meta page.
+            // SAFETY: NO_SYNC does not touch memory safety. What it gives up on a
+            // machine crash (the commits since the last `force_sync`, and consistency
+            // where the file system reorders writeback) is documented on
+            // `Durability::Relaxed`; the flush thread flushes on a timer and on close.
             unsafe { options.flags(EnvFlags::NO_SYNC) };
         }
         // SAFETY: LMDB's memory map is only unsound if the file is modified behind its
