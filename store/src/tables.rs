@@ -70,10 +70,16 @@ pub(crate) const FORMAT_VERSION: u32 = 3;
 pub(crate) const META_FORMAT: &[u8] = b"format";
 pub(crate) const META_NODE_ID: &[u8] = b"node_id";
 pub(crate) const META_HLC: &[u8] = b"hlc";
+/// Full mode: the journal position after the last batch this commit holds
+/// (`journal::Position`).
+pub(crate) const META_JOURNAL: &[u8] = b"journal";
 
 /// `space_meta` fields, after the 4-byte space id.
 pub(crate) const SPACE_POLICY: &[u8] = b"policy";
 pub(crate) const SPACE_CONFLICTS: &[u8] = b"conflicts";
+/// Present when a rebuild from the journal recorded a merge policy without folding the
+/// log (its function is registered later): the next `configure_space` folds it.
+pub(crate) const SPACE_REFOLD: &[u8] = b"refold";
 
 /// Most bytes of a `by_key` chunk that another record is appended to. Small enough to
 /// stay inside a leaf page (LMDB moves values over about half a page to overflow

@@ -1133,13 +1133,25 @@ async fn relaxed_durability_runs_without_sync_and_keeps_everything_across_a_rest
         tokio::time::sleep(Duration::from_millis(60)).await;
         put(&store, "last", b"x").await;
     }
-    let store = open(&dir, 1);
-    let flags = store.inner.env.get_flags().unwrap();
-    assert_eq!(
-        flags & EnvFlags::NO_SYNC.bits(),
-        0,
-        "full mode syncs every commit"
+    assert!(
+        !dir.path().join(crate::journal::JOURNAL_FILE).exists(),
+        "relaxed mode keeps no journal"
     );
+    // Full mode writes a journal of everything the relaxed run stored, so that a
+    // machine crash from now on can be recovered from.
+    let store = open(&dir, 1);
+    let mut scan = crate::journal::Scan::open(&dir.path().join(crate::journal::JOURNAL_FILE))
+        .unwrap()
+        .expect("full mode writes a journal");
+    let mut journaled = 0;
+    for record in scan.by_ref() {
+        for op in crate::journal::ops(&record.unwrap()).unwrap() {
+            if let crate::journal::Op::Events { events, .. } = op {
+                journaled += events.len();
+            }
+        }
+    }
+    assert_eq!(journaled, 51);
     assert_eq!(store.stats(&space()).await.unwrap().events, 51);
     assert_eq!(
         store.get(&space(), "last").await.unwrap()[0].payload,
@@ -2431,4 +2443,164 @@ async fn a_long_history_spans_chunks_and_reads_back_whole_in_both_directions() {
     drop(a);
     let report = check(dir.path()).unwrap();
     assert!(report.is_clean(), "{report:#?}");
+}
+
+/// What a machine crash may leave of a full-mode directory: the state file still names
+/// the run that had it open, under a boot that is over, and the LMDB file (written
+/// without fsync) holds anything: here, garbage.
+fn crash_machine(dir: &TempDir) {
+    std::fs::write(
+        dir.path().join(crate::journal::STATE_FILE),
+        "open 00000000-0000-0000-0000-00000000dead\n",
+    )
+    .unwrap();
+    let data = dir.path().join("data.mdb");
+    let len = std::fs::metadata(&data).unwrap().len().min(1 << 20);
+    std::fs::write(&data, vec![0xA5; len as usize]).unwrap();
+}
+
+#[tokio::test]
+async fn after_a_machine_crash_the_store_is_rebuilt_from_its_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_other_dir, other) = fresh(2);
+    let sums = SpaceName::new("sums").unwrap();
+    for i in 0..10 {
+        put(&other, &format!("r{i}"), b"x").await;
+    }
+    let remote = all_events(&other).await;
+    let (events, stats, digest, total, last_own) = {
+        let store = open(&dir, 1);
+        store.configure_space(&sums, sum()).await.unwrap();
+        let mut last = None;
+        for i in 0..300u32 {
+            last = Some(put(&store, &format!("k{}", i % 17), &[i as u8]).await);
+        }
+        for n in 1..=5 {
+            add_to(&store, &sums, "total", n).await;
+        }
+        store
+            .append_transaction(
+                &space(),
+                vec![
+                    Write::put("a", b"1".to_vec()),
+                    Write::put("b", b"2".to_vec()),
+                ],
+            )
+            .await
+            .unwrap();
+        store.ingest(&space(), remote[..4].to_vec()).await.unwrap();
+        // A gap: the last four wait in the pending set for 5 and 6.
+        let parked = store.ingest(&space(), remote[6..].to_vec()).await.unwrap();
+        assert_eq!(parked.parked, 4);
+        let last = store
+            .events_since(&space(), 0, usize::MAX)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|a| a.event.origin == store.node_id())
+            .last()
+            .unwrap();
+        assert!(last.event.seq > 300);
+        (
+            all_events(&store).await,
+            store.stats(&space()).await.unwrap(),
+            store.digest(&space()).await.unwrap(),
+            store.merged_state(&sums, "total").await.unwrap(),
+            last,
+        )
+    };
+    assert_eq!(total, Some(cbor_int(15)));
+    crash_machine(&dir);
+
+    let store = open(&dir, 1);
+    assert!(dir.path().join("data.mdb.torn").exists());
+    assert_eq!(all_events(&store).await, events);
+    let now = store.stats(&space()).await.unwrap();
+    assert_eq!(
+        (now.events, now.pending, now.conflicts),
+        (stats.events, stats.pending, stats.conflicts)
+    );
+    assert_eq!(now.version_vector, stats.version_vector);
+    assert_eq!(store.digest(&space()).await.unwrap(), digest);
+    // The merge space waits for its merge, then is folded from its whole log.
+    store.configure_space(&sums, sum()).await.unwrap();
+    assert_eq!(store.merged_state(&sums, "total").await.unwrap(), total);
+    add_to(&store, &sums, "total", 1).await;
+    assert_eq!(
+        store.merged_state(&sums, "total").await.unwrap(),
+        Some(cbor_int(16))
+    );
+    // This node's chain goes on from its old head, and the parked events still
+    // complete when their causes arrive.
+    let next = put(&store, "after", b"y").await;
+    assert_eq!(next.event.seq, last_own.event.seq + 1);
+    assert_eq!(next.event.prev, Some(last_own.event.hash()));
+    let out = store.ingest(&space(), remote[4..6].to_vec()).await.unwrap();
+    assert_eq!(out.applied.len(), 6);
+    drop(store);
+    let report = check(dir.path()).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    // And a second crash rebuilds all of it again, the new writes included.
+    let events = {
+        let store = open(&dir, 1);
+        all_events(&store).await
+    };
+    crash_machine(&dir);
+    let store = open(&dir, 1);
+    assert_eq!(all_events(&store).await, events);
+}
+
+async fn add_to(store: &Store, space: &SpaceName, k: &str, n: i64) -> Applied {
+    store
+        .append(space, Write::put(k, cbor_int(n)))
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn after_a_killed_process_the_journal_past_the_last_commit_is_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_other_dir, other) = fresh(2);
+    let stranger = put(&other, "s", b"never committed").await.event;
+    {
+        let store = open(&dir, 1);
+        for i in 0..20u8 {
+            put(&store, &format!("k{i}"), &[i]).await;
+        }
+    }
+    // A batch written to the journal whose commit never happened: the process died
+    // between the two, under this boot.
+    let path = dir.path().join(crate::journal::JOURNAL_FILE);
+    let mut scan = crate::journal::Scan::open(&path).unwrap().unwrap();
+    for record in scan.by_ref() {
+        record.unwrap();
+    }
+    let mut journal = crate::journal::Journal::open_at(&path, scan.at())
+        .unwrap()
+        .unwrap();
+    let bytes = stranger.encode();
+    crate::journal::put_events(journal.payload(), "todo", [bytes.as_slice()].into_iter());
+    journal.append().unwrap();
+    journal.sync().unwrap();
+    drop(journal);
+    crate::journal::write_state(
+        dir.path(),
+        &crate::journal::LastRun::Open(crate::journal::boot_id()),
+    )
+    .unwrap();
+
+    {
+        let store = open(&dir, 1);
+        assert!(
+            !dir.path().join("data.mdb.torn").exists(),
+            "the same boot trusts LMDB"
+        );
+        assert_eq!(store.stats(&space()).await.unwrap().events, 20);
+    }
+    // Cut from the journal, so a later rebuild does not apply it either.
+    crash_machine(&dir);
+    let store = open(&dir, 1);
+    let events = all_events(&store).await;
+    assert_eq!(events.len(), 20);
+    assert!(events.iter().all(|e| e.origin == store.node_id()));
 }

@@ -57,7 +57,7 @@
 
 use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -72,11 +72,12 @@ use weft_crdt::{
 };
 
 use crate::flush::Flusher;
+use crate::journal::{self, Flush, Job, Journal, Op, Scan};
 use crate::map::{self, MapControl};
 use crate::tables::{
     decode_event, encode_cbor, event_key, hash_of_encoding, id_key, origin_key, record_key,
-    space_meta_key, IdEntry, Record, SpaceId, StoredPolicy, Tables, META_HLC, SPACE_CONFLICTS,
-    SPACE_POLICY,
+    space_meta_key, IdEntry, Record, SpaceId, StoredPolicy, Tables, META_HLC, META_JOURNAL,
+    SPACE_CONFLICTS, SPACE_POLICY, SPACE_REFOLD,
 };
 use crate::{Applied, Durability, IngestOutcome, StoreError, Write};
 
@@ -247,6 +248,20 @@ pub(crate) struct Writer {
     map: Arc<MapControl>,
     /// Relaxed mode: the thread that flushes commits to disk.
     flusher: Option<Flusher>,
+    /// Full mode: the journal each batch is appended to before its commit, and the
+    /// thread that flushes it and then answers (`journal.rs`).
+    journal: Option<JournalLink>,
+    /// Rebuilding from the journal: merges are not applied, because their functions
+    /// are only registered after the store opens; the spaces are folded when they are
+    /// configured again (`SPACE_REFOLD`).
+    replaying: bool,
+}
+
+pub(crate) struct JournalLink {
+    journal: Journal,
+    flush: Flush,
+    /// The highest journal seq a reader's snapshot may hold; stored before each commit.
+    written: Arc<AtomicU64>,
 }
 
 /// How far ahead of our wall clock a remote HLC reading may be and still be followed.
@@ -336,6 +351,8 @@ impl Writer {
             applied_tx,
             map: Arc::new(MapControl::new(env_for_map, usize::MAX)),
             flusher: None,
+            journal: None,
+            replaying: false,
         };
         w.reload()?;
         Ok(w)
@@ -397,6 +414,17 @@ impl Writer {
         Ok(self)
     }
 
+    /// Full mode: appends every batch to `journal` and answers it once `flush` has
+    /// flushed it.
+    pub fn with_journal(mut self, journal: Journal, flush: Flush, written: Arc<AtomicU64>) -> Self {
+        self.journal = Some(JournalLink {
+            journal,
+            flush,
+            written,
+        });
+        self
+    }
+
     /// Runs until every sender is dropped.
     pub fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
@@ -409,8 +437,10 @@ impl Writer {
             };
             let mut batch = vec![first];
             let expected = self.last_batch.min(self.max_batch);
-            let linger =
-                (self.last_answered.elapsed() <= LINGER_AFTER).then(|| Instant::now() + LINGER);
+            // With a journal, the previous batch's writers are still waiting for its
+            // flush, and the next batch forms while it runs: nobody to linger for.
+            let linger = (self.journal.is_none() && self.last_answered.elapsed() <= LINGER_AFTER)
+                .then(|| Instant::now() + LINGER);
             while batch.len() < self.max_batch {
                 match commands.try_recv() {
                     Ok(c) => batch.push(c),
@@ -431,6 +461,27 @@ impl Writer {
         // A clean shutdown leaves nothing unflushed, in either mode: the flush thread
         // makes its last flush and is joined.
         drop(self.flusher.take());
+        if let Some(link) = self.journal.take() {
+            let dir = link
+                .journal
+                .path()
+                .parent()
+                .map(std::path::Path::to_path_buf);
+            // Answers what is queued after its last flush.
+            drop(link.flush);
+            let closed =
+                self.env
+                    .force_sync()
+                    .map_err(StoreError::from)
+                    .and_then(|()| match &dir {
+                        Some(d) => journal::write_state(d, &journal::LastRun::Clean),
+                        None => Ok(()),
+                    });
+            if let Err(e) = closed {
+                // The next open treats the run as a crash: it checks or rebuilds.
+                tracing::error!("store writer: closing cleanly: {e}");
+            }
+        }
         tracing::debug!("store writer: all handles dropped, exiting");
     }
 
@@ -447,9 +498,8 @@ impl Writer {
             .iter()
             .any(|c| matches!(c, Command::Configure { .. }))
             .then(|| self.policies.clone());
-        let mut isolated = false;
         loop {
-            let attempt = self.attempt(&mut batch, isolated);
+            let attempt = self.attempt(&mut batch);
             let clean = matches!(
                 attempt,
                 Attempt::Committed(_) | Attempt::NothingCommitted { touched: false, .. }
@@ -474,7 +524,10 @@ impl Writer {
                         return;
                     }
                 }
-                Attempt::Isolate => isolated = true,
+                Attempt::Isolate => {
+                    self.run_each(batch);
+                    return;
+                }
                 Attempt::Failed(e) => {
                     for cmd in batch {
                         reply_err(cmd, duplicate(&e));
@@ -490,23 +543,16 @@ impl Writer {
                     return;
                 }
                 Attempt::Committed(results) => {
-                    if let Some(f) = &self.flusher {
-                        f.committed();
-                    }
-                    if let Err(e) = self.map.grow_if_nearly_full() {
-                        // Not fatal: the next batch that needs room grows or fails then.
-                        tracing::warn!("store writer: growing the map ahead of time: {e}");
-                    }
-                    self.answer(batch, results);
+                    self.committed();
+                    self.deliver(batch, results);
                     return;
                 }
             }
         }
     }
 
-    /// One try at a batch; see [`Writer::run_batch`]. `isolated` runs each command in
-    /// its own nested transaction.
-    fn attempt(&mut self, batch: &mut [Command], isolated: bool) -> Attempt {
+    /// One try at a batch in one transaction; see [`Writer::run_batch`].
+    fn attempt(&mut self, batch: &mut [Command]) -> Attempt {
         let env = self.env.clone();
         let mut txn = match env.write_txn() {
             Ok(t) => t,
@@ -515,67 +561,64 @@ impl Writer {
         let mut results = Vec::with_capacity(batch.len());
         let alone = batch.len() == 1;
         for cmd in batch.iter_mut() {
-            let result = if isolated {
-                self.run_isolated(&env, &mut txn, cmd)
-            } else {
-                match self.precheck(cmd) {
-                    // Refused before anything was written or cached.
-                    Err(e) => Err(e),
-                    Ok(()) => match self.run_command(&mut txn, cmd) {
-                        Ok(done) => Ok(done),
-                        Err(e) if map::is_map_full(&e) => {
-                            txn.abort();
-                            return Attempt::MapFull;
-                        }
-                        Err(e) if alone => {
-                            txn.abort();
-                            return Attempt::NothingCommitted {
-                                results: vec![Err(e)],
-                                touched: true,
-                            };
-                        }
-                        Err(_) => {
-                            txn.abort();
-                            return Attempt::Isolate;
-                        }
-                    },
-                }
+            let result = match self.precheck(cmd) {
+                // Refused before anything was written or cached.
+                Err(e) => Err(e),
+                Ok(()) => match self.run_command(&mut txn, cmd) {
+                    Ok(done) => Ok(done),
+                    Err(e) if map::is_map_full(&e) => {
+                        txn.abort();
+                        return Attempt::MapFull;
+                    }
+                    Err(e) if alone => {
+                        txn.abort();
+                        return Attempt::NothingCommitted {
+                            results: vec![Err(e)],
+                            touched: true,
+                        };
+                    }
+                    Err(_) => {
+                        txn.abort();
+                        return Attempt::Isolate;
+                    }
+                },
             };
-            if result.as_ref().err().is_some_and(map::is_map_full) {
-                txn.abort();
-                return Attempt::MapFull;
-            }
             results.push(result);
         }
         if results.iter().all(Result::is_err) {
-            // Refused by prechecks, or rolled back command by command: the cache is as
-            // it was.
+            // Refused by prechecks: the cache is as it was.
             txn.abort();
             return Attempt::NothingCommitted {
                 results,
                 touched: false,
             };
         }
-        let signed = match self.finish(&mut txn) {
-            Ok(signed) => signed,
-            Err(e) if map::is_map_full(&e) => {
-                txn.abort();
-                return Attempt::MapFull;
-            }
+        match self.commit_batch(txn, batch, &mut results) {
+            Ok(()) => Attempt::Committed(results),
+            Err(e) if map::is_map_full(&e) => Attempt::MapFull,
             Err(e) => {
-                txn.abort();
-                tracing::error!("store writer: finishing a batch failed: {e}");
-                return Attempt::Failed(e);
-            }
-        };
-        match txn.commit() {
-            Ok(()) => {}
-            Err(e) if map::is_heed_map_full(&e) => return Attempt::MapFull,
-            Err(e) => {
-                tracing::error!("store writer: commit failed: {e}");
-                return Attempt::Failed(e.into());
+                tracing::error!("store writer: committing a batch failed: {e}");
+                Attempt::Failed(e)
             }
         }
+    }
+
+    /// The end of a transaction holding `batch`'s `results`: [`Writer::finish`], the
+    /// signatures it added put into the results, the journal record, the commit. On
+    /// error nothing is committed and the journal is rewound.
+    fn commit_batch(
+        &mut self,
+        mut txn: RwTxn,
+        batch: &[Command],
+        results: &mut [Result<Done, StoreError>],
+    ) -> Result<(), StoreError> {
+        let signed = match self.finish(&mut txn) {
+            Ok(signed) => signed,
+            Err(e) => {
+                txn.abort();
+                return Err(e);
+            }
+        };
         if !signed.is_empty() {
             for done in results.iter_mut().flatten() {
                 for a in done.applied_mut() {
@@ -585,7 +628,112 @@ impl Writer {
                 }
             }
         }
-        Attempt::Committed(results)
+        let rewind = match self.journal_batch(&mut txn, batch, results) {
+            Ok(r) => r,
+            Err(e) => {
+                txn.abort();
+                return Err(e);
+            }
+        };
+        let committed = txn.commit();
+        if committed.is_err() {
+            if let (Some(link), Some(before)) = (&mut self.journal, rewind) {
+                if let Err(e) = link.journal.rewind(before) {
+                    tracing::error!("store writer: rewinding the journal: {e}");
+                }
+            }
+        }
+        committed.map_err(Into::into)
+    }
+
+    /// Runs a batch that failed as one transaction again with each command in its own
+    /// transaction and commit, so that a failing command takes no other down with it.
+    /// (LMDB's nested transactions would keep one commit, but they are not available
+    /// with `WRITE_MAP`; this path is only taken after a failure.)
+    fn run_each(&mut self, mut batch: Vec<Command>) {
+        let mut results = Vec::with_capacity(batch.len());
+        for cmd in batch.iter_mut() {
+            let r = self.run_alone(cmd);
+            if r.is_ok() {
+                self.committed();
+            }
+            results.push(r);
+        }
+        self.deliver(batch, results);
+    }
+
+    /// One command in its own transaction, retried after growing the map. On failure
+    /// the cache is put back as it was (nothing of the command is on disk).
+    fn run_alone(&mut self, cmd: &mut Command) -> Result<Done, StoreError> {
+        self.precheck(cmd)?;
+        let space = cmd.space().clone();
+        let saved_policy = self.policies.get(&space).cloned();
+        loop {
+            let result = self.try_alone(cmd);
+            let Err(e) = result else { return result };
+            if let Err(r) = self.reload() {
+                tracing::error!("store writer: reloading state after a failed command: {r}");
+            }
+            match saved_policy.clone() {
+                Some(p) => self.policies.insert(space.clone(), p),
+                None => self.policies.remove(&space),
+            };
+            if !map::is_map_full(&e) {
+                return Err(e);
+            }
+            self.map.retries.fetch_add(1, Ordering::Relaxed);
+            self.map.grow()?;
+        }
+    }
+
+    fn try_alone(&mut self, cmd: &mut Command) -> Result<Done, StoreError> {
+        let env = self.env.clone();
+        let mut txn = env.write_txn()?;
+        let done = match self.run_command(&mut txn, cmd) {
+            Ok(done) => done,
+            Err(e) => {
+                txn.abort();
+                return Err(e);
+            }
+        };
+        let mut results = [Ok(done)];
+        self.commit_batch(txn, std::slice::from_ref(cmd), &mut results)?;
+        let [result] = results;
+        result
+    }
+
+    /// After every commit: the flush thread (relaxed mode) is told, and the map grown
+    /// ahead of need.
+    fn committed(&self) {
+        if let Some(f) = &self.flusher {
+            f.committed();
+        }
+        if let Err(e) = self.map.grow_if_nearly_full() {
+            // Not fatal: the next batch that needs room grows or fails then.
+            tracing::warn!("store writer: growing the map ahead of time: {e}");
+        }
+    }
+
+    /// Answers a batch whose commits are done: at once in relaxed mode, after the
+    /// journal flush in full mode.
+    fn deliver(&self, batch: Vec<Command>, results: Vec<Result<Done, StoreError>>) {
+        match &self.journal {
+            Some(link) => {
+                let feed = self.applied_tx.clone();
+                link.flush.submit(Job {
+                    seq: link.journal.position().seq,
+                    then: Box::new(move |failed| match failed {
+                        None => answer(&feed, batch, results),
+                        Some(e) => {
+                            for cmd in batch {
+                                reply_err(cmd, duplicate(&e));
+                            }
+                        }
+                    }),
+                });
+            }
+            None => answer(&self.applied_tx, batch, results),
+        }
     }
 
     /// The end of every batch, in its transaction: signs this node's newest event in
@@ -644,58 +792,245 @@ impl Writer {
         Ok(signed)
     }
 
-    /// Hands each command's applied events to subscribers, then answers the command.
-    ///
-    /// An ingested event is moved into one `Arc` that both the subscribers and the
-    /// caller hold: a catch-up applies hundreds of thousands of events, and a copy of
-    /// each for the commit feed cost more than a tenth of the writer's time.
-    fn answer(&self, batch: Vec<Command>, results: Vec<Result<Done, StoreError>>) {
-        let feed = self.applied_tx.receiver_count() > 0;
-        for (cmd, r) in batch.into_iter().zip(results) {
-            // A caller that stopped waiting (dropped its future) is not an error: the
-            // data is committed either way. Subscribers see each command's events
-            // before its caller has its answer.
-            match (cmd, r) {
-                (Command::Append { reply, .. }, Ok(Done::Append(a))) => {
-                    if feed {
-                        self.broadcast(Arc::new((*a).clone()));
-                    }
-                    let _ = reply.send(Ok(*a));
+    /// Full mode: appends what the batch's successful commands did to the journal and
+    /// records the position in the transaction; returns the position to rewind to
+    /// should the commit fail. Remote batches are journaled as received (replay runs
+    /// them through `ingest` again), local events as committed, signatures included.
+    fn journal_batch(
+        &mut self,
+        txn: &mut RwTxn,
+        batch: &[Command],
+        results: &[Result<Done, StoreError>],
+    ) -> Result<Option<journal::Position>, StoreError> {
+        let Some(link) = &mut self.journal else {
+            return Ok(None);
+        };
+        if link.flush.failed.load(Ordering::Acquire) {
+            return Err(StoreError::Io(std::io::Error::other(
+                "an earlier journal flush failed; reopen the store",
+            )));
+        }
+        let out = link.journal.payload();
+        for (cmd, r) in batch.iter().zip(results) {
+            let Ok(done) = r else { continue };
+            let space = cmd.space().as_str();
+            match (cmd, done) {
+                (Command::Append { .. }, Done::Append(a)) => {
+                    journal::put_encoded_events(out, space, std::slice::from_ref(a), |a, o| {
+                        a.event.encode_into(o)
+                    })
                 }
-                (Command::Ingest { reply, .. }, Ok(Done::Ingest(o))) => {
-                    let applied: Vec<Arc<Applied>> = o.applied.into_iter().map(Arc::new).collect();
-                    if feed {
-                        applied.iter().for_each(|a| self.broadcast(a.clone()));
-                    }
-                    let _ = reply.send(Ok(IngestOutcome {
-                        applied,
-                        duplicates: o.duplicates,
-                        parked: o.parked,
-                    }));
+                (Command::Transaction { .. }, Done::Transaction(all)) => {
+                    journal::put_encoded_events(out, space, all, |a, o| a.event.encode_into(o))
                 }
-                (Command::Configure { reply, .. }, Ok(Done::Configure)) => {
-                    let _ = reply.send(Ok(()));
+                (Command::Ingest { prepared, .. }, Done::Ingest(_)) => {
+                    journal::put_events(out, space, prepared.iter().map(|p| p.bytes.as_slice()))
                 }
-                (Command::Transaction { reply, .. }, Ok(Done::Transaction(all))) => {
-                    if feed {
-                        all.iter().for_each(|a| self.broadcast(Arc::new(a.clone())));
-                    }
-                    let _ = reply.send(Ok(all));
+                (Command::Configure { policy, .. }, Done::Configure) => {
+                    let stored = StoredPolicy {
+                        identity: policy.identity(),
+                        merge: matches!(policy, Policy::Merge(_)),
+                    };
+                    journal::put_configure(out, space, &encode_cbor(&stored, 32));
                 }
-                (cmd, Err(e)) => reply_err(cmd, e),
-                (cmd, Ok(_)) => reply_err(
-                    cmd,
-                    StoreError::Corrupt("writer produced the wrong kind of answer".into()),
-                ),
+                _ => {
+                    return Err(StoreError::Corrupt(
+                        "writer produced the wrong kind of answer".into(),
+                    ))
+                }
             }
+        }
+        let (before, after) = link.journal.append()?;
+        // Before the commit: a reader that sees the batch also sees a seq that covers it.
+        link.written.store(after.seq, Ordering::Release);
+        if let Err(e) = self.tables.meta.put(txn, META_JOURNAL, &after.to_bytes()) {
+            if let Err(r) = link.journal.rewind(before) {
+                tracing::error!("store writer: rewinding the journal: {r}");
+            }
+            return Err(e.into());
+        }
+        Ok(Some(before))
+    }
+
+    /// Rebuilds the store from a journal (`journal.rs`): runs every record's
+    /// operations in order, as the batches that wrote them ran, several records per
+    /// commit. Called on an empty environment before [`Writer::run`].
+    pub fn replay(&mut self, scan: &mut Scan) -> Result<u64, StoreError> {
+        self.replaying = true;
+        let result = self.replay_all(scan);
+        self.replaying = false;
+        result
+    }
+
+    fn replay_all(&mut self, scan: &mut Scan) -> Result<u64, StoreError> {
+        /// Events per commit: enough to amortize the commit, few enough to bound the
+        /// memory of the records held for a retry.
+        const CHUNK_EVENTS: usize = 20_000;
+        let mut records = 0;
+        loop {
+            let mut chunk = Vec::new();
+            let mut events = 0;
+            while events < CHUNK_EVENTS {
+                let Some(payload) = scan.next() else { break };
+                let payload = payload?;
+                events += payload.len() / 64 + 1;
+                chunk.push(payload);
+            }
+            if chunk.is_empty() {
+                return Ok(records);
+            }
+            let pos = scan.at();
+            loop {
+                self.map.grow_if_nearly_full()?;
+                match self.replay_chunk(&chunk, pos) {
+                    Ok(()) => break,
+                    Err(e) if map::is_map_full(&e) => {
+                        self.reload()?;
+                        self.map.grow()?;
+                    }
+                    Err(e) => {
+                        return Err(StoreError::Corrupt(format!(
+                            "rebuilding from the journal {}: record {}: {e}",
+                            scan.path().display(),
+                            pos.seq
+                        )))
+                    }
+                }
+            }
+            records += chunk.len() as u64;
         }
     }
 
-    fn broadcast(&self, applied: Arc<Applied>) {
-        // Lagging subscribers see `RecvError::Lagged`.
-        let _ = self.applied_tx.send(applied);
+    fn replay_chunk(
+        &mut self,
+        chunk: &[Vec<u8>],
+        pos: journal::Position,
+    ) -> Result<(), StoreError> {
+        let env = self.env.clone();
+        let mut txn = env.write_txn()?;
+        for payload in chunk {
+            for op in journal::ops(&payload[..])? {
+                match op {
+                    Op::Events { space, events } => {
+                        let space = space_name(space)?;
+                        let prepared: Vec<Prepared> = events
+                            .iter()
+                            .map(|b| Prepared {
+                                bytes: b.to_vec(),
+                                hash: hash_of_encoding(b),
+                            })
+                            .collect();
+                        let mut decoded = prepared
+                            .iter()
+                            .map(|p| decode_event(&p.bytes, "a journaled event"))
+                            .collect::<Result<Vec<_>, _>>()?;
+                        self.ingest(&mut txn, &space, &mut decoded, &prepared)?;
+                    }
+                    Op::Configure { space, policy } => {
+                        let space = space_name(space)?;
+                        let given: StoredPolicy = ciborium::from_reader(policy).map_err(|e| {
+                            StoreError::Corrupt(format!("journaled policy of {space}: {e}"))
+                        })?;
+                        let sid = self.ensure_space(&mut txn, &space)?;
+                        match &self.state(&space)?.stored {
+                            Some(stored) if *stored == given => {}
+                            Some(stored) => {
+                                return Err(StoreError::PolicyMismatch {
+                                    space,
+                                    stored: stored.identity.clone(),
+                                    given: given.identity,
+                                })
+                            }
+                            None => {
+                                let t = self.tables;
+                                t.space_meta.put(
+                                    &mut txn,
+                                    &space_meta_key(sid, SPACE_POLICY),
+                                    &encode_cbor(&given, 32),
+                                )?;
+                                if given.merge {
+                                    t.space_meta.put(
+                                        &mut txn,
+                                        &space_meta_key(sid, SPACE_REFOLD),
+                                        &[1],
+                                    )?;
+                                }
+                                self.state_mut(&space)?.stored = Some(given);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.finish(&mut txn)?;
+        self.tables
+            .meta
+            .put(&mut txn, META_JOURNAL, &pos.to_bytes())?;
+        txn.commit()?;
+        Ok(())
     }
+}
 
+fn space_name(s: &str) -> Result<SpaceName, StoreError> {
+    SpaceName::new(s).map_err(|e| StoreError::Corrupt(format!("journaled space name: {e}")))
+}
+
+/// Hands each command's applied events to subscribers, then answers the command.
+///
+/// An ingested event is moved into one `Arc` that both the subscribers and the caller
+/// hold: a catch-up applies hundreds of thousands of events, and a copy of each for the
+/// commit feed cost more than a tenth of the writer's time.
+fn answer(
+    applied_tx: &broadcast::Sender<Arc<Applied>>,
+    batch: Vec<Command>,
+    results: Vec<Result<Done, StoreError>>,
+) {
+    let broadcast = |applied: Arc<Applied>| {
+        // Lagging subscribers see `RecvError::Lagged`.
+        let _ = applied_tx.send(applied);
+    };
+    let feed = applied_tx.receiver_count() > 0;
+    for (cmd, r) in batch.into_iter().zip(results) {
+        // A caller that stopped waiting (dropped its future) is not an error: the
+        // data is committed either way. Subscribers see each command's events
+        // before its caller has its answer.
+        match (cmd, r) {
+            (Command::Append { reply, .. }, Ok(Done::Append(a))) => {
+                if feed {
+                    broadcast(Arc::new((*a).clone()));
+                }
+                let _ = reply.send(Ok(*a));
+            }
+            (Command::Ingest { reply, .. }, Ok(Done::Ingest(o))) => {
+                let applied: Vec<Arc<Applied>> = o.applied.into_iter().map(Arc::new).collect();
+                if feed {
+                    applied.iter().for_each(|a| broadcast(a.clone()));
+                }
+                let _ = reply.send(Ok(IngestOutcome {
+                    applied,
+                    duplicates: o.duplicates,
+                    parked: o.parked,
+                }));
+            }
+            (Command::Configure { reply, .. }, Ok(Done::Configure)) => {
+                let _ = reply.send(Ok(()));
+            }
+            (Command::Transaction { reply, .. }, Ok(Done::Transaction(all))) => {
+                if feed {
+                    all.iter().for_each(|a| broadcast(Arc::new(a.clone())));
+                }
+                let _ = reply.send(Ok(all));
+            }
+            (cmd, Err(e)) => reply_err(cmd, e),
+            (cmd, Ok(_)) => reply_err(
+                cmd,
+                StoreError::Corrupt("writer produced the wrong kind of answer".into()),
+            ),
+        }
+    }
+}
+
+impl Writer {
     /// The checks that can refuse a command without writing or caching anything: a
     /// value the space's merge refuses, a merge space this process has not configured,
     /// a policy other than the recorded one.
@@ -757,38 +1092,6 @@ impl Writer {
         }
     }
 
-    /// Runs one command in a nested transaction; on failure its writes and its cache
-    /// changes are undone, leaving the batch as if the command had never been sent.
-    fn run_isolated(
-        &mut self,
-        env: &Env<WithoutTls>,
-        parent: &mut RwTxn,
-        cmd: &mut Command,
-    ) -> Result<Done, StoreError> {
-        self.precheck(cmd)?;
-        let space = cmd.space().clone();
-        let saved_space = self.spaces.get(&space).cloned();
-        let saved_policy = self.policies.get(&space).cloned();
-        let saved_max_sid = self.max_sid;
-        let mut txn = env.nested_write_txn(parent)?;
-        let result = self.run_command(&mut txn, cmd);
-        let result = result.and_then(|done| txn.commit().map(|()| done).map_err(Into::into));
-        if result.is_err() {
-            // The nested txn was dropped uncommitted, which aborts it: its writes are
-            // gone from the batch. Only the cache needs putting back.
-            match saved_space {
-                Some(s) => self.spaces.insert(space.clone(), s),
-                None => self.spaces.remove(&space),
-            };
-            match saved_policy {
-                Some(p) => self.policies.insert(space, p),
-                None => self.policies.remove(&space),
-            };
-            self.max_sid = saved_max_sid;
-        }
-        result
-    }
-
     /// The space's id, creating the space on its first write.
     fn ensure_space(&mut self, txn: &mut RwTxn, space: &SpaceName) -> Result<SpaceId, StoreError> {
         if let Some(s) = self.spaces.get(space) {
@@ -842,6 +1145,9 @@ impl Writer {
     /// refused: applying events without folding them would leave its state behind on
     /// this replica for good.
     fn merge_for(&self, space: &SpaceName) -> Result<Option<Arc<dyn Merge>>, StoreError> {
+        if self.replaying {
+            return Ok(None);
+        }
         match self.policies.get(space) {
             Some(Policy::Merge(m)) => Ok(Some(m.clone())),
             Some(Policy::Resolve(_)) => Ok(None),
@@ -877,7 +1183,18 @@ impl Writer {
                     given: given.identity,
                 });
             }
-            Some(_) => {}
+            Some(_) => {
+                // A rebuild from the journal could not fold a merge space (its function
+                // was not registered yet): it is folded now, from the whole log.
+                let t = self.tables;
+                let refold = space_meta_key(sid, SPACE_REFOLD);
+                if let Policy::Merge(m) = policy {
+                    if t.space_meta.get(txn, &refold)?.is_some() {
+                        self.fold_existing_log(txn, space, sid, m.as_ref())?;
+                        t.space_meta.delete(txn, &refold)?;
+                    }
+                }
+            }
             None => {
                 if let Policy::Merge(m) = policy {
                     self.fold_existing_log(txn, space, sid, m.as_ref())?;
