@@ -2471,9 +2471,8 @@ async fn after_a_machine_crash_the_store_is_rebuilt_from_its_journal() {
     let (events, stats, digest, total, last_own) = {
         let store = open(&dir, 1);
         store.configure_space(&sums, sum()).await.unwrap();
-        let mut last = None;
         for i in 0..300u32 {
-            last = Some(put(&store, &format!("k{}", i % 17), &[i as u8]).await);
+            put(&store, &format!("k{}", i % 17), &[i as u8]).await;
         }
         for n in 1..=5 {
             add_to(&store, &sums, "total", n).await;
@@ -2497,8 +2496,7 @@ async fn after_a_machine_crash_the_store_is_rebuilt_from_its_journal() {
             .await
             .unwrap()
             .into_iter()
-            .filter(|a| a.event.origin == store.node_id())
-            .last()
+            .rfind(|a| a.event.origin == store.node_id())
             .unwrap();
         assert!(last.event.seq > 300);
         (
