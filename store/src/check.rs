@@ -10,7 +10,7 @@
 //! stored bytes to a later signed event of its origin: the checker trusts nothing it
 //! reads.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -25,7 +25,7 @@ use crate::tables::{
     self, be_u64, id_key, IdEntry, SpaceId, Tables, FORMAT_VERSION, MAX_DBS, META_FORMAT,
     META_NODE_ID,
 };
-use crate::StoreError;
+use crate::{journal, StoreError};
 
 /// Violations reported per space before the rest are only counted: a directory
 /// damaged throughout should give a readable report, not millions of lines.
@@ -129,7 +129,132 @@ pub fn check(dir: &Path) -> Result<CheckReport, StoreError> {
     for (name, sid) in tables.all_spaces(&txn)? {
         report.spaces.push(check_space(&tables, &txn, name, sid)?);
     }
+    check_journal(dir, &tables, &txn, &mut report)?;
     Ok(report)
+}
+
+/// Full mode: the journal must be an unbroken chain up to the position the store
+/// recorded, and must hold every event the store holds (applied or parked), since a
+/// rebuild after a machine crash starts from it alone. (The other way round is not
+/// required: a parked event may be dropped later, and records past the position, from
+/// a batch that never committed, are cut at the next open.)
+fn check_journal(
+    dir: &Path,
+    t: &Tables,
+    txn: &RoTxn,
+    report: &mut CheckReport,
+) -> Result<(), StoreError> {
+    let path = dir.join(journal::JOURNAL_FILE);
+    let Some(recorded) = t.meta.get(txn, tables::META_JOURNAL)? else {
+        if path.exists() {
+            report.violations.push(format!(
+                "{} exists but the store records no position in it",
+                path.display()
+            ));
+        }
+        return Ok(());
+    };
+    let mut v = |m: String| report.violations.push(format!("journal: {m}"));
+    let pos = match journal::Position::from_bytes(recorded) {
+        Ok(p) => p,
+        Err(e) => {
+            v(e.to_string());
+            return Ok(());
+        }
+    };
+    let mut scan = match journal::Scan::open(&path) {
+        Ok(Some(scan)) => scan,
+        Ok(None) => {
+            v(format!("{} is missing", path.display()));
+            return Ok(());
+        }
+        Err(e) => {
+            v(e.to_string());
+            return Ok(());
+        }
+    };
+    let mut journaled: HashSet<(String, NodeId, u64, EventHash)> = HashSet::new();
+    while scan.at().seq < pos.seq {
+        let payload = match scan.next() {
+            Some(Ok(p)) => p,
+            Some(Err(e)) => {
+                v(format!("reading record {}: {e}", scan.at().seq + 1));
+                break;
+            }
+            None => break,
+        };
+        let ops = match journal::ops(&payload) {
+            Ok(ops) => ops,
+            Err(e) => {
+                v(format!("record {}: {e}", scan.at().seq));
+                continue;
+            }
+        };
+        for op in ops {
+            if let journal::Op::Events { space, events } = op {
+                for bytes in events {
+                    match Event::decode(bytes) {
+                        Ok(e) => {
+                            journaled.insert((
+                                space.to_owned(),
+                                e.origin,
+                                e.seq,
+                                tables::hash_of_encoding(bytes),
+                            ));
+                        }
+                        Err(e) => v(format!(
+                            "record {}: an event does not decode: {e}",
+                            scan.at().seq
+                        )),
+                    }
+                }
+            }
+        }
+    }
+    if scan.at() != pos {
+        v(format!(
+            "the valid chain ends at record {} (offset {}), but the store is at record {} (offset {})",
+            scan.at().seq,
+            scan.at().end,
+            pos.seq,
+            pos.end
+        ));
+    }
+    for (name, sid) in t.all_spaces(txn)? {
+        let log = t.events_from(txn, sid, 1)?.map(|e| e.map(|(_, b)| b));
+        let parked = t
+            .pending
+            .prefix_iter(txn, &sid.to_be_bytes())?
+            .map(|e| e.map(|(_, b)| b).map_err(StoreError::from));
+        let mut missing = Vec::new();
+        let mut count = 0u64;
+        for bytes in log.chain(parked) {
+            let bytes = bytes?;
+            let Ok(e) = Event::decode(bytes) else {
+                // Reported by the space's own checks.
+                continue;
+            };
+            let id = (
+                name.clone(),
+                e.origin,
+                e.seq,
+                tables::hash_of_encoding(bytes),
+            );
+            if !journaled.contains(&id) {
+                count += 1;
+                if missing.len() < 3 {
+                    missing.push(e.id().to_string());
+                }
+            }
+        }
+        if count > 0 {
+            v(format!(
+                "{count} events of space {name} are not in it (a rebuild would lose them), e.g. {}",
+                missing.join(", ")
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Turns a decoding failure of a table helper into a violation (and `fallback`);
@@ -669,6 +794,16 @@ fn recomputable_merge(
         return Ok(None);
     };
     if !stored.merge {
+        return Ok(None);
+    }
+    if t.space_meta
+        .get(txn, &tables::space_meta_key(sid, tables::SPACE_REFOLD))?
+        .is_some()
+    {
+        out.skipped.push(
+            "merge states: rebuilt from the journal, they are folded when the space is next configured"
+                .into(),
+        );
         return Ok(None);
     }
     let builtin = PolicyKind::from_str(&stored.identity.name)

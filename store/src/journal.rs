@@ -436,20 +436,21 @@ pub(crate) fn put_events<'e>(
     }
 }
 
-/// Appends an `Events` operation whose events are encoded straight into the payload.
-pub(crate) fn put_encoded_events<T>(
+/// Appends an `Events` operation of `count` events, each written into the payload by
+/// `encode(index, payload)`.
+pub(crate) fn put_encoded_events(
     out: &mut Vec<u8>,
     space: &str,
-    items: &[T],
-    encode: impl Fn(&T, &mut Vec<u8>),
+    count: usize,
+    encode: impl Fn(usize, &mut Vec<u8>),
 ) {
     out.push(OP_EVENTS);
     put_str(out, space);
-    out.extend_from_slice(&(items.len() as u32).to_le_bytes());
-    for item in items {
+    out.extend_from_slice(&(count as u32).to_le_bytes());
+    for i in 0..count {
         let at = out.len();
         out.extend_from_slice(&[0; 4]);
-        encode(item, out);
+        encode(i, out);
         let n = (out.len() - at - 4) as u32;
         out[at..at + 4].copy_from_slice(&n.to_le_bytes());
     }

@@ -33,30 +33,31 @@
 //!
 //! # Durability: what survives `kill -9` and a power cut
 //!
-//! LMDB never overwrites a live page: a commit writes its new B-tree pages to free
-//! space (copy-on-write) and then one of two alternating meta pages to point at the new
-//! root. A crash at any moment leaves the other meta page, and the complete state it
-//! points to, intact: after a restart the store is at some committed transaction, never
-//! a torn one, and its indexes agree with its log because each command's writes to every
-//! table are in the same transaction. What differs between the modes is *which*
-//! committed transaction that is ([`StoreConfig::durability`]):
+//! LMDB runs with `NO_SYNC` and `WRITE_MAP` in both modes: a commit writes its pages
+//! into the memory map and the OS writes them back when it likes. A killed process
+//! therefore loses nothing that was committed (the kernel still holds the pages), while
+//! a machine crash or power cut can leave the LMDB file torn, because the kernel writes
+//! pages back in any order. What differs between the modes is what makes a write
+//! durable ([`StoreConfig::durability`]):
 //!
-//! - [`Durability::Full`] (the default): the writer's commit fsyncs the data pages and
-//!   then the meta page before any command in the batch is answered. An acknowledged
-//!   `append` or `ingest` survives both `kill -9` and a power cut.
-//! - [`Durability::Relaxed`]: the environment runs with `NO_SYNC`; a commit is answered
-//!   once its pages are written to the OS page cache, and a flush thread calls
-//!   `force_sync` at most every `flush_every` when there were commits since the last
-//!   flush (and on close). `kill -9` of the process loses nothing — the kernel still
-//!   has the pages and writes them out. A machine crash or power cut may lose the
-//!   commits of the last `flush_every`; lost local events are re-created with the same
-//!   seqs, which a peer that already received the lost ones would see as a fork. And
-//!   the rollback is to a consistent state only where the file system writes a file's
-//!   pages out in the order they were written, which is LMDB's own condition for
-//!   `NO_SYNC`: most do not promise it (ext4 and XFS write back dirty pages in any
-//!   order), so there a power cut can also leave the file inconsistent; run
-//!   `weft check` on the directory after one. Use it where throughput matters more
+//! - [`Durability::Full`] (the default): the journal (`journal.rs`). Each batch is
+//!   appended to `journal.wj` before its LMDB commit, and its callers are answered, and
+//!   its events offered to peers, only once a flush thread has `fdatasync`ed the journal
+//!   past it. On open, a state file tells a killed process (the same boot: LMDB is
+//!   intact, and journal records past the position LMDB recorded, which were never
+//!   answered, are cut) from a machine crash (another boot: LMDB is set aside as
+//!   `data.mdb.torn` and rebuilt from the journal, which holds every acknowledged
+//!   batch). An acknowledged `append` or `ingest` survives both.
+//! - [`Durability::Relaxed`]: no journal. A flush thread calls `force_sync` at most every
+//!   `flush_every` when there were commits since the last flush (and on close). `kill
+//!   -9` loses nothing; a machine crash or power cut may lose the commits of the last
+//!   `flush_every` (lost local events are re-created with the same seqs, which a peer
+//!   that already had the lost ones sees as a fork) and may leave the file
+//!   inconsistent: run `weft check` after one. Use it where throughput matters more
 //!   than the last writes before a power loss.
+//!
+//! Within LMDB each command's writes to every table are in one transaction, so after any
+//! restart the indexes agree with the log.
 //!
 //! A data directory must be opened by one process at a time: LMDB would let a second
 //! process in, and two writer threads with separate caches would hand out the same lsn
@@ -149,16 +150,20 @@ impl Default for StoreConfig {
 /// a killed process and a power cut in each mode.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Durability {
-    /// Every commit is fsynced before any write in it is acknowledged. An acknowledged
-    /// write survives `kill -9` and a power cut. Costs one fsync per group commit.
+    /// Every batch is appended to the journal (`journal.wj` in the data directory) and
+    /// the journal is flushed (`fdatasync`) before any write in it is acknowledged or
+    /// sent to a peer. An acknowledged write survives `kill -9` and a power cut: after
+    /// a machine crash the store is rebuilt from the journal on open. Costs one
+    /// `fdatasync` per group of commits, on a thread of its own, and the journal's disk
+    /// space (about the size of the events).
     #[default]
     Full,
     /// The environment runs with LMDB's `NO_SYNC`: a commit is acknowledged once it is in
     /// the OS page cache, and a flush thread flushes to disk (`fsync`) at most every
     /// `flush_every`, whenever it has committed something since the last flush, and
     /// when the store closes. A killed process loses nothing; a machine crash or power
-    /// cut may lose the commits of the last `flush_every`, and on file systems that
-    /// write pages back out of order (most) may leave the file inconsistent.
+    /// cut may lose the commits of the last `flush_every`, and may leave the file
+    /// inconsistent (pages reach the disk in any order). No journal is kept.
     Relaxed {
         /// Longest time a commit may stay unflushed while the writer is running.
         flush_every: Duration,

@@ -15,10 +15,12 @@
 //! runs it in ONE write transaction (group commit: one fsync for many writes).
 //!
 //! Batch formation: writers that await each answer come back together right after a
-//! commit, but not all at once. When fewer commands are queued than the previous batch
-//! held, and that batch was answered moments ago, the thread waits up to [`LINGER`]
-//! for the rest, so a steady set of writers shares one commit instead of splitting
-//! into cohorts that each pay an fsync.
+//! commit, but not all at once. In relaxed mode, when fewer commands are queued than the
+//! previous batch held, and that batch was answered moments ago, the thread waits up to
+//! [`LINGER`] for the rest, so a steady set of writers shares one commit instead of
+//! splitting into small ones. In full mode it never waits: while one flush runs, the
+//! commits made meanwhile all wait for the next, so committing at once costs no extra
+//! flush (measured: waiting, for a count or until the flush ends, was slower).
 //!
 //! Per commit, not per event: the version vector entries and conflict counters a batch
 //! changed, and the HLC, are written once at its end. Local events are signed once per
@@ -34,15 +36,19 @@
 //! first and just answer that command. Any other failure of a command in a batch of
 //! several (a rejected ingest, an invalid clock, an LMDB error) aborts the transaction,
 //! reloads the cache from disk and runs the batch again with each command in its own
-//! nested transaction, which a failing command aborts alone (with its cache changes
-//! rolled back), so it never poisons the rest of the batch. After the outer commit is
-//! durable the thread broadcasts every applied event and answers every command; if that
-//! commit fails, every command of the batch gets the error and the cache is reloaded
-//! from disk. No answer is sent before its data is durable.
+//! transaction and commit (`run_each`; LMDB's nested transactions are not available
+//! with `WRITE_MAP`), so a failing command never poisons the rest. Once a batch's data
+//! is durable its applied events are broadcast and its commands answered; if its commit
+//! fails, every command of the batch gets the error and the cache is reloaded from disk.
+//! No answer is sent before its data is durable.
 //!
-//! Durability and growth: in relaxed mode a flush thread (`flush.rs`) calls
-//! `force_sync` at most every `flush_every` while there are commits it has not flushed;
-//! the writer only tells it that it committed, and never waits for the disk itself.
+//! Durability and growth: in full mode each batch's record is appended to the journal
+//! (`journal.rs`) before the commit, with the journal position in the commit, and the
+//! batch is handed to the journal's flush thread, which `fdatasync`s and then broadcasts
+//! and answers; the writer goes on with the next batch meanwhile, so under load each
+//! flush covers the commits made during the one before. In relaxed mode a flush thread
+//! (`flush.rs`) calls `force_sync` at most every `flush_every` while there are commits
+//! it has not flushed. Either way the writer never waits for the disk itself.
 //! A batch that hits `MapFull` is aborted, the map doubled (`map.rs`) and the batch run
 //! again; the map is also grown after a commit that leaves it more than 80% used.
 //!
@@ -208,21 +214,36 @@ pub(crate) struct Ingested {
     parked: usize,
 }
 
-/// What a command produced, held until the batch commits.
+/// What a command produced, held until the batch commits. Local events keep the
+/// encoding they were stored with, for the journal (empty once `finish` signed one:
+/// its stored encoding changed).
 enum Done {
-    Append(Box<Applied>),
+    Append(Box<Applied>, Vec<u8>),
     Ingest(Ingested),
     Configure,
-    Transaction(Vec<Applied>),
+    Transaction(Vec<Applied>, Vec<Vec<u8>>),
 }
 
 impl Done {
-    fn applied_mut(&mut self) -> &mut [Applied] {
-        match self {
-            Done::Append(a) => std::slice::from_mut(a.as_mut()),
-            Done::Ingest(o) => &mut o.applied,
-            Done::Transaction(all) => all,
-            Done::Configure => &mut [],
+    /// Puts the signatures `finish` added into the events they belong to.
+    #[allow(clippy::type_complexity)]
+    fn add_signatures(&mut self, signed: &HashMap<(NodeId, u64, SpaceName), [u8; 64]>) {
+        let (applied, mut encoded): (&mut [Applied], Option<&mut [Vec<u8>]>) = match self {
+            Done::Append(a, bytes) => (
+                std::slice::from_mut(a.as_mut()),
+                Some(std::slice::from_mut(bytes)),
+            ),
+            Done::Ingest(o) => (&mut o.applied, None),
+            Done::Transaction(all, bytes) => (all, Some(bytes)),
+            Done::Configure => (&mut [], None),
+        };
+        for (i, a) in applied.iter_mut().enumerate() {
+            if let Some(sig) = signed.get(&(a.event.origin, a.lsn, a.space.clone())) {
+                a.event.sig = Some(*sig);
+                if let Some(bytes) = encoded.as_mut().and_then(|e| e.get_mut(i)) {
+                    bytes.clear();
+                }
+            }
         }
     }
 }
@@ -621,11 +642,7 @@ impl Writer {
         };
         if !signed.is_empty() {
             for done in results.iter_mut().flatten() {
-                for a in done.applied_mut() {
-                    if let Some(sig) = signed.get(&(a.event.origin, a.lsn, a.space.clone())) {
-                        a.event.sig = Some(*sig);
-                    }
-                }
+                done.add_signatures(&signed);
             }
         }
         let rewind = match self.journal_batch(&mut txn, batch, results) {
@@ -815,13 +832,13 @@ impl Writer {
             let Ok(done) = r else { continue };
             let space = cmd.space().as_str();
             match (cmd, done) {
-                (Command::Append { .. }, Done::Append(a)) => {
-                    journal::put_encoded_events(out, space, std::slice::from_ref(a), |a, o| {
-                        a.event.encode_into(o)
-                    })
+                (Command::Append { .. }, Done::Append(a, bytes)) => {
+                    journal::put_encoded_events(out, space, 1, |_, o| local(&a.event, bytes, o))
                 }
-                (Command::Transaction { .. }, Done::Transaction(all)) => {
-                    journal::put_encoded_events(out, space, all, |a, o| a.event.encode_into(o))
+                (Command::Transaction { .. }, Done::Transaction(all, bytes)) => {
+                    journal::put_encoded_events(out, space, all.len(), |i, o| {
+                        local(&all[i].event, &bytes[i], o)
+                    })
                 }
                 (Command::Ingest { prepared, .. }, Done::Ingest(_)) => {
                     journal::put_events(out, space, prepared.iter().map(|p| p.bytes.as_slice()))
@@ -971,6 +988,16 @@ impl Writer {
     }
 }
 
+/// A local event's encoding as stored: kept from when it was written, or encoded
+/// again when `finish` signed it since.
+fn local(event: &Event, stored: &[u8], out: &mut Vec<u8>) {
+    if stored.is_empty() {
+        event.encode_into(out);
+    } else {
+        out.extend_from_slice(stored);
+    }
+}
+
 fn space_name(s: &str) -> Result<SpaceName, StoreError> {
     SpaceName::new(s).map_err(|e| StoreError::Corrupt(format!("journaled space name: {e}")))
 }
@@ -995,7 +1022,7 @@ fn answer(
         // data is committed either way. Subscribers see each command's events
         // before its caller has its answer.
         match (cmd, r) {
-            (Command::Append { reply, .. }, Ok(Done::Append(a))) => {
+            (Command::Append { reply, .. }, Ok(Done::Append(a, _))) => {
                 if feed {
                     broadcast(Arc::new((*a).clone()));
                 }
@@ -1015,7 +1042,7 @@ fn answer(
             (Command::Configure { reply, .. }, Ok(Done::Configure)) => {
                 let _ = reply.send(Ok(()));
             }
-            (Command::Transaction { reply, .. }, Ok(Done::Transaction(all))) => {
+            (Command::Transaction { reply, .. }, Ok(Done::Transaction(all, _))) => {
                 if feed {
                     all.iter().for_each(|a| broadcast(Arc::new(a.clone())));
                 }
@@ -1076,7 +1103,7 @@ impl Writer {
         match cmd {
             Command::Append { space, write, .. } => self
                 .append_local(txn, space, write, None, false)
-                .map(|a| Done::Append(Box::new(a))),
+                .map(|(a, bytes)| Done::Append(Box::new(a), bytes)),
             Command::Ingest {
                 space,
                 events,
@@ -1087,7 +1114,10 @@ impl Writer {
                 self.configure(txn, space, policy).map(|()| Done::Configure)
             }
             Command::Transaction { space, writes, .. } => {
-                self.transaction(txn, space, writes).map(Done::Transaction)
+                self.transaction(txn, space, writes).map(|all| {
+                    let (applied, bytes) = all.into_iter().unzip();
+                    Done::Transaction(applied, bytes)
+                })
             }
         }
     }
@@ -1254,7 +1284,7 @@ impl Writer {
         txn: &mut RwTxn,
         space: &SpaceName,
         writes: &[Write],
-    ) -> Result<Vec<Applied>, StoreError> {
+    ) -> Result<Vec<(Applied, Vec<u8>)>, StoreError> {
         self.ensure_space(txn, space)?;
         let first = self.state(space)?.vv.get(&self.node_id) + 1;
         let tag = crate::txn::tag(first, writes.len() as u64);
@@ -1267,7 +1297,8 @@ impl Writer {
     }
 
     /// Writes one local event. It is sealed unsigned unless `sign` is set or it ends a
-    /// run of [`MAX_UNSIGNED_RUN`] events; `finish` signs the batch's last one.
+    /// run of [`MAX_UNSIGNED_RUN`] events; `finish` signs the batch's last one. Returns
+    /// the event's stored encoding too.
     fn append_local(
         &mut self,
         txn: &mut RwTxn,
@@ -1275,7 +1306,7 @@ impl Writer {
         write: &Write,
         txn_tag: Option<&str>,
         sign: bool,
-    ) -> Result<Applied, StoreError> {
+    ) -> Result<(Applied, Vec<u8>), StoreError> {
         let sid = self.ensure_space(txn, space)?;
         let merge = self.merge_for(space)?;
         let me = self.node_id;
@@ -1327,7 +1358,7 @@ impl Writer {
             state.unsigned_head = Some(applied.lsn);
             state.unsigned_run += 1;
         }
-        Ok(applied)
+        Ok((applied, bytes))
     }
 
     /// Applies what is ready of a verified batch, parks the rest and releases parked

@@ -2,6 +2,10 @@
 //! moment, `weft check` verifies the directory exactly as the crash left it, and after a
 //! restart every acknowledged write is present. Repeated `WEFT_CRASH_ROUNDS` times
 //! (default 20); the seed is printed and `WEFT_CRASH_SEED` replays the same kill times.
+//! Every [`MACHINE_CRASH_EVERY`]th round the kill is also made to look like a machine
+//! crash: the store's state file names a boot that is over and its LMDB file is
+//! garbage, as a power cut may leave a file written without fsync. The restart must
+//! rebuild everything acknowledged from the journal.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -12,6 +16,7 @@ use serde_json::{json, Value};
 use weft_tests::{run_cli, WeftProcess, DEFAULT_SPACE};
 
 const WRITERS: usize = 8;
+const MACHINE_CRASH_EVERY: u64 = 4;
 
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
@@ -74,6 +79,16 @@ async fn acknowledged_writes_survive_sigkill_under_concurrent_writers() {
             check.stderr
         );
 
+        if round % MACHINE_CRASH_EVERY == MACHINE_CRASH_EVERY - 1 {
+            let log = node.data_dir().join("log");
+            std::fs::write(
+                log.join("journal.state"),
+                "open 00000000-0000-0000-0000-00000000dead\n",
+            )
+            .expect("state file");
+            std::fs::write(log.join("data.mdb"), vec![0xA5u8; 1 << 20]).expect("data.mdb");
+            println!("round {round}: machine crash simulated");
+        }
         node.restart().await;
         let events = node.http_all_events(DEFAULT_SPACE).await;
         let ids: HashSet<&str> = events.iter().filter_map(|e| e["id"].as_str()).collect();
