@@ -162,6 +162,10 @@ pub(crate) struct Journal {
     path: PathBuf,
     file: Arc<File>,
     pos: Position,
+    /// Records appended by this process, rewound ones included: unlike seqs, which a
+    /// rewind reuses, a mark names one write of one record, which is what a flush
+    /// covers.
+    marks: u64,
     room: Arc<Room>,
     buf: Vec<u8>,
 }
@@ -189,6 +193,7 @@ impl Journal {
             path: path.to_path_buf(),
             file: Arc::new(file),
             pos: Position::EMPTY,
+            marks: 0,
             room: Arc::new(room),
             buf: Vec::new(),
         })
@@ -235,6 +240,7 @@ impl Journal {
             path: path.to_path_buf(),
             file: Arc::new(file),
             pos,
+            marks: 0,
             room: Arc::new(room),
             buf: Vec::new(),
         }))
@@ -242,6 +248,11 @@ impl Journal {
 
     pub fn position(&self) -> Position {
         self.pos
+    }
+
+    /// The mark of the last record appended (0: none yet).
+    pub fn mark(&self) -> u64 {
+        self.marks
     }
 
     /// The buffer the next record's payload is appended to. It starts with room for
@@ -275,6 +286,7 @@ impl Journal {
         self.buf[12..HEAD as usize].copy_from_slice(&check);
         self.file.write_all_at(&self.buf, start)?;
         self.room.used.store(end, Ordering::Relaxed);
+        self.marks += 1;
         self.pos = Position {
             seq,
             start,
@@ -525,7 +537,8 @@ impl<'a> Cursor<'a> {
 /// A batch waiting for its record to be flushed: `then` broadcasts and answers it,
 /// given the flush's error if it failed.
 pub(crate) struct Job {
-    pub seq: u64,
+    /// The journal's mark once the batch's record was written.
+    pub mark: u64,
     pub then: Box<dyn FnOnce(Option<StoreError>) + Send>,
 }
 
@@ -539,7 +552,7 @@ pub(crate) struct Flush {
 }
 
 /// What readers need to hold back data that is not yet durable from peers: the
-/// highest seq that may be visible in a snapshot (stored before each commit), and the
+/// highest mark that may be visible in a snapshot (stored before each commit), and the
 /// highest flushed one.
 #[derive(Clone)]
 pub(crate) struct Durable {
@@ -548,11 +561,11 @@ pub(crate) struct Durable {
 }
 
 impl Durable {
-    /// Returns once the journal is flushed up to `seq`. `Err` only if the flush
+    /// Returns once the journal is flushed up to `mark`. `Err` only if the flush
     /// thread has stopped.
-    pub async fn wait_for(&self, seq: u64) -> Result<(), StoreError> {
+    pub async fn wait_for(&self, mark: u64) -> Result<(), StoreError> {
         let mut rx = self.flushed.clone();
-        rx.wait_for(|s| *s >= seq)
+        rx.wait_for(|s| *s >= mark)
             .await
             .map(drop)
             .map_err(|_| StoreError::Closed)
@@ -563,8 +576,8 @@ impl Flush {
     /// Starts the flush thread for `journal` (whose current position is flushed).
     pub fn start(journal: &Journal, queue: usize) -> Result<(Flush, Durable), StoreError> {
         let (jobs, rx) = std::sync::mpsc::sync_channel(queue.max(1));
-        let seq = journal.pos.seq;
-        let (flushed_tx, flushed) = watch::channel(seq);
+        let mark = journal.marks;
+        let (flushed_tx, flushed) = watch::channel(mark);
         let failed = Arc::new(AtomicBool::new(false));
         let file = journal.file.clone();
         let room = journal.room.clone();
@@ -579,7 +592,7 @@ impl Flush {
                 failed,
             },
             Durable {
-                written: Arc::new(AtomicU64::new(seq)),
+                written: Arc::new(AtomicU64::new(mark)),
                 flushed,
             },
         ))
@@ -620,20 +633,28 @@ fn flush_loop(
     failed: &AtomicBool,
     flushed: &watch::Sender<u64>,
 ) {
+    // The highest mark a successful flush covered: a job a flush already covered (its
+    // record was written ahead and flushed while the batch was applied) needs none.
+    let mut synced = *flushed.borrow();
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
         while let Ok(j) = jobs.try_recv() {
             batch.push(j);
         }
+        let mark = batch.iter().map(|j| j.mark).max().unwrap_or(0);
         let result = if failed.load(Ordering::Acquire) {
             Err(io::Error::other("an earlier journal flush failed"))
+        } else if mark <= synced {
+            Ok(())
         } else {
             file.sync_data()
         };
-        let seq = batch.iter().map(|j| j.seq).max().unwrap_or(0);
+        if result.is_ok() {
+            synced = synced.max(mark);
+        }
         match &result {
             Ok(()) => {
-                flushed.send_modify(|s| *s = (*s).max(seq));
+                flushed.send_modify(|s| *s = (*s).max(mark));
             }
             Err(e) => {
                 failed.store(true, Ordering::Release);

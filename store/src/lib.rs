@@ -826,14 +826,14 @@ impl Store {
             return self.read(space, absent, f).await;
         };
         let written = durable.written.clone();
-        let (value, seq) = self
+        let (value, mark) = self
             .read(space, (absent, 0), move |t, txn, sid| {
                 // Loaded after the snapshot was taken: covers every commit it shows.
-                let seq = written.load(std::sync::atomic::Ordering::Acquire);
-                f(t, txn, sid).map(|v| (v, seq))
+                let mark = written.load(std::sync::atomic::Ordering::Acquire);
+                f(t, txn, sid).map(|v| (v, mark))
             })
             .await?;
-        durable.wait_for(seq).await?;
+        durable.wait_for(mark).await?;
         Ok(value)
     }
 

@@ -281,7 +281,7 @@ pub(crate) struct Writer {
 pub(crate) struct JournalLink {
     journal: Journal,
     flush: Flush,
-    /// The highest journal seq a reader's snapshot may hold; stored before each commit.
+    /// The highest journal mark a reader's snapshot may hold; stored before each commit.
     written: Arc<AtomicU64>,
 }
 
@@ -573,7 +573,77 @@ impl Writer {
     }
 
     /// One try at a batch in one transaction; see [`Writer::run_batch`].
+    ///
+    /// Full mode, a batch of nothing but ingests: remote events are journaled as
+    /// received, so the record can be written, and its flush started, before the
+    /// batch is applied; the flush then overlaps the work of applying it. Should the
+    /// attempt not commit, the record is rewound (a flushed record past the position
+    /// LMDB holds is as if never written: the next record overwrites it).
     fn attempt(&mut self, batch: &mut [Command]) -> Attempt {
+        let early = match self.journal_ahead(batch) {
+            Ok(early) => early,
+            Err(e) => return Attempt::Failed(e),
+        };
+        let attempt = self.attempt_with(batch, early);
+        if let (Some((before, _)), false) = (early, matches!(attempt, Attempt::Committed(_))) {
+            if let Some(link) = &mut self.journal {
+                if let Err(e) = link.journal.rewind(before) {
+                    tracing::error!("store writer: rewinding the journal: {e}");
+                }
+            }
+        }
+        attempt
+    }
+
+    /// Writes the record of a batch of ingests that all pass their prechecks ahead of
+    /// applying it, and has the flush thread start flushing it. Returns the positions
+    /// before and after it.
+    fn journal_ahead(
+        &mut self,
+        batch: &[Command],
+    ) -> Result<Option<(journal::Position, journal::Position)>, StoreError> {
+        if self.journal.is_none()
+            || !batch
+                .iter()
+                .all(|c| matches!(c, Command::Ingest { .. }) && self.precheck(c).is_ok())
+        {
+            return Ok(None);
+        }
+        let Some(link) = &mut self.journal else {
+            return Ok(None);
+        };
+        if link.flush.failed.load(Ordering::Acquire) {
+            return Err(StoreError::Io(std::io::Error::other(
+                "an earlier journal flush failed; reopen the store",
+            )));
+        }
+        let out = link.journal.payload();
+        for cmd in batch {
+            if let Command::Ingest {
+                space, prepared, ..
+            } = cmd
+            {
+                journal::put_events(
+                    out,
+                    space.as_str(),
+                    prepared.iter().map(|p| p.bytes.as_slice()),
+                );
+            }
+        }
+        let (before, after) = link.journal.append()?;
+        link.written.store(link.journal.mark(), Ordering::Release);
+        link.flush.submit(Job {
+            mark: link.journal.mark(),
+            then: Box::new(|_| {}),
+        });
+        Ok(Some((before, after)))
+    }
+
+    fn attempt_with(
+        &mut self,
+        batch: &mut [Command],
+        early: Option<(journal::Position, journal::Position)>,
+    ) -> Attempt {
         let env = self.env.clone();
         let mut txn = match env.write_txn() {
             Ok(t) => t,
@@ -614,7 +684,7 @@ impl Writer {
                 touched: false,
             };
         }
-        match self.commit_batch(txn, batch, &mut results) {
+        match self.commit_batch(txn, batch, &mut results, early.map(|(_, after)| after)) {
             Ok(()) => Attempt::Committed(results),
             Err(e) if map::is_map_full(&e) => Attempt::MapFull,
             Err(e) => {
@@ -632,6 +702,7 @@ impl Writer {
         mut txn: RwTxn,
         batch: &[Command],
         results: &mut [Result<Done, StoreError>],
+        journaled: Option<journal::Position>,
     ) -> Result<(), StoreError> {
         let signed = match self.finish(&mut txn) {
             Ok(signed) => signed,
@@ -645,7 +716,18 @@ impl Writer {
                 done.add_signatures(&signed);
             }
         }
-        let rewind = match self.journal_batch(&mut txn, batch, results) {
+        let journaled = match journaled {
+            // Written ahead: only its position goes into the commit (the caller rewinds
+            // it should the commit fail).
+            Some(after) => self
+                .tables
+                .meta
+                .put(&mut txn, META_JOURNAL, &after.to_bytes())
+                .map(|()| None)
+                .map_err(StoreError::from),
+            None => self.journal_batch(&mut txn, batch, results),
+        };
+        let rewind = match journaled {
             Ok(r) => r,
             Err(e) => {
                 txn.abort();
@@ -714,7 +796,7 @@ impl Writer {
             }
         };
         let mut results = [Ok(done)];
-        self.commit_batch(txn, std::slice::from_ref(cmd), &mut results)?;
+        self.commit_batch(txn, std::slice::from_ref(cmd), &mut results, None)?;
         let [result] = results;
         result
     }
@@ -738,7 +820,7 @@ impl Writer {
             Some(link) => {
                 let feed = self.applied_tx.clone();
                 link.flush.submit(Job {
-                    seq: link.journal.position().seq,
+                    mark: link.journal.mark(),
                     then: Box::new(move |failed| match failed {
                         None => answer(&feed, batch, results),
                         Some(e) => {
@@ -858,8 +940,8 @@ impl Writer {
             }
         }
         let (before, after) = link.journal.append()?;
-        // Before the commit: a reader that sees the batch also sees a seq that covers it.
-        link.written.store(after.seq, Ordering::Release);
+        // Before the commit: a reader that sees the batch also sees a mark covering it.
+        link.written.store(link.journal.mark(), Ordering::Release);
         if let Err(e) = self.tables.meta.put(txn, META_JOURNAL, &after.to_bytes()) {
             if let Err(r) = link.journal.rewind(before) {
                 tracing::error!("store writer: rewinding the journal: {r}");
