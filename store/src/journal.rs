@@ -15,6 +15,10 @@
 //! 4. the flush thread `fdatasync`s the journal (once for every batch queued by then),
 //!    and only then hands the batch's events to subscribers and answers its callers.
 //!
+//! A batch of nothing but remote ingests is journaled as received before it is
+//! applied (steps 2 and 4 first), so its flush overlaps the apply; should the attempt
+//! fail, the record is rewound and the batch runs again.
+//!
 //! What survives:
 //! - `kill -9`: the kernel keeps both files' pages. LMDB is at its last commit, and the
 //!   journal holds at least that much (the record is written before the commit). On
