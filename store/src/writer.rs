@@ -285,6 +285,26 @@ pub(crate) struct JournalLink {
     written: Arc<AtomicU64>,
 }
 
+impl JournalLink {
+    /// The buffer for the next record's payload; refused once a flush has failed.
+    fn record(&mut self) -> Result<&mut Vec<u8>, StoreError> {
+        if self.flush.failed.load(Ordering::Acquire) {
+            return Err(StoreError::Io(std::io::Error::other(
+                "an earlier journal flush failed; reopen the store",
+            )));
+        }
+        Ok(self.journal.payload())
+    }
+
+    /// Appends the record built in [`JournalLink::record`]; see [`Journal::append`].
+    /// Before any commit: a reader that sees the batch also sees a mark covering it.
+    fn append(&mut self) -> Result<(journal::Position, journal::Position), StoreError> {
+        let positions = self.journal.append()?;
+        self.written.store(self.journal.mark(), Ordering::Release);
+        Ok(positions)
+    }
+}
+
 /// How far ahead of our wall clock a remote HLC reading may be and still be followed.
 /// One peer with a wrong (or hostile) clock must not drag every later local write's
 /// last-writer-wins timestamp into the future; an hour is far beyond honest clock
@@ -612,12 +632,7 @@ impl Writer {
         let Some(link) = &mut self.journal else {
             return Ok(None);
         };
-        if link.flush.failed.load(Ordering::Acquire) {
-            return Err(StoreError::Io(std::io::Error::other(
-                "an earlier journal flush failed; reopen the store",
-            )));
-        }
-        let out = link.journal.payload();
+        let out = link.record()?;
         for cmd in batch {
             if let Command::Ingest {
                 space, prepared, ..
@@ -630,8 +645,7 @@ impl Writer {
                 );
             }
         }
-        let (before, after) = link.journal.append()?;
-        link.written.store(link.journal.mark(), Ordering::Release);
+        let (before, after) = link.append()?;
         link.flush.submit(Job {
             mark: link.journal.mark(),
             then: Box::new(|_| {}),
@@ -904,12 +918,7 @@ impl Writer {
         let Some(link) = &mut self.journal else {
             return Ok(None);
         };
-        if link.flush.failed.load(Ordering::Acquire) {
-            return Err(StoreError::Io(std::io::Error::other(
-                "an earlier journal flush failed; reopen the store",
-            )));
-        }
-        let out = link.journal.payload();
+        let out = link.record()?;
         for (cmd, r) in batch.iter().zip(results) {
             let Ok(done) = r else { continue };
             let space = cmd.space().as_str();
@@ -939,9 +948,7 @@ impl Writer {
                 }
             }
         }
-        let (before, after) = link.journal.append()?;
-        // Before the commit: a reader that sees the batch also sees a mark covering it.
-        link.written.store(link.journal.mark(), Ordering::Release);
+        let (before, after) = link.append()?;
         if let Err(e) = self.tables.meta.put(txn, META_JOURNAL, &after.to_bytes()) {
             if let Err(r) = link.journal.rewind(before) {
                 tracing::error!("store writer: rewinding the journal: {r}");
