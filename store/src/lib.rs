@@ -369,11 +369,10 @@ impl Store {
             .map_size(map_size)
             .max_dbs(MAX_DBS)
             .max_readers(MAX_READERS);
-        // SAFETY: NO_SYNC and WRITE_MAP do not touch memory safety (heed hands out
-        // only shared slices of the map, and only the writer thread writes). In full mode the journal makes
-        // commits durable and LMDB is rebuilt from it after a machine crash; what
-        // relaxed mode gives up is documented on `Durability::Relaxed` (its flush
-        // thread flushes on a timer and on close).
+        // SAFETY: NO_SYNC and WRITE_MAP do not touch memory safety (heed hands out only
+        // shared slices of the map, and only the writer thread writes). In full mode
+        // the journal makes commits durable and LMDB is rebuilt from it after a machine
+        // crash; what relaxed mode gives up is documented on `Durability::Relaxed`.
         // WRITE_MAP: the writer writes pages in the map instead of copying each dirty
         // page into the file at commit, which was a fifth of its time. It rules out
         // nested transactions (see `Writer::run_each`).
@@ -810,9 +809,6 @@ impl Store {
         tx.send(cmd).await.map_err(|_| StoreError::Closed)
     }
 
-    /// Runs `f` on a blocking thread in a fresh read transaction, or returns `absent`
-    /// for a space never written. The transaction ends before the result is returned,
-    /// so it is never held across an `.await`.
     /// [`Store::read`] for what may go to peers: in full mode it returns only once
     /// everything its snapshot holds is flushed to the journal (commits become visible
     /// just before their flush ends). A peer must never hold an event this node could
@@ -837,6 +833,9 @@ impl Store {
         Ok(value)
     }
 
+    /// Runs `f` on a blocking thread in a fresh read transaction, or returns `absent`
+    /// for a space never written. The transaction ends before the result is returned,
+    /// so it is never held across an `.await`.
     async fn read<T, F>(&self, space: &SpaceName, absent: T, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
@@ -915,8 +914,6 @@ async fn authenticate(
     Ok((events, prepared))
 }
 
-/// Checks the layout version and the directory's owner, recording both on first open,
-/// and returns the last persisted HLC reading.
 /// Batches committed but not yet flushed that may queue for the journal's flush
 /// thread before the writer waits for it.
 const FLUSH_QUEUE: usize = 4;
@@ -973,6 +970,8 @@ fn open_or_seed_journal(
     Ok(j)
 }
 
+/// Checks the layout version and the directory's owner, recording both on first open,
+/// and returns the last persisted HLC reading.
 fn init_meta(env: &Env<WithoutTls>, tables: &Tables, node_id: NodeId) -> Result<Hlc, StoreError> {
     let mut txn = env.write_txn()?;
     match tables.meta.get(&txn, META_FORMAT)? {

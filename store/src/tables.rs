@@ -127,6 +127,16 @@ pub(crate) struct StoredPolicy {
     pub merge: bool,
 }
 
+impl StoredPolicy {
+    /// What is recorded of `policy`.
+    pub fn of(policy: &weft_crdt::Policy) -> StoredPolicy {
+        StoredPolicy {
+            identity: policy.identity(),
+            merge: matches!(policy, weft_crdt::Policy::Merge(_)),
+        }
+    }
+}
+
 /// The `by_id` value: where an event sits in the log and its hash, so the hash chain
 /// can be checked and `pull_page` can find a start without decoding events.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -214,6 +214,9 @@ pub(crate) struct Ingested {
     parked: usize,
 }
 
+/// The signatures `finish` added, by (origin, lsn, space) of their events.
+type Signatures = HashMap<(NodeId, u64, SpaceName), [u8; 64]>;
+
 /// What a command produced, held until the batch commits. Local events keep the
 /// encoding they were stored with, for the journal (empty once `finish` signed one:
 /// its stored encoding changed).
@@ -226,8 +229,7 @@ enum Done {
 
 impl Done {
     /// Puts the signatures `finish` added into the events they belong to.
-    #[allow(clippy::type_complexity)]
-    fn add_signatures(&mut self, signed: &HashMap<(NodeId, u64, SpaceName), [u8; 64]>) {
+    fn add_signatures(&mut self, signed: &Signatures) {
         let (applied, mut encoded): (&mut [Applied], Option<&mut [Vec<u8>]>) = match self {
             Done::Append(a, bytes) => (
                 std::slice::from_mut(a.as_mut()),
@@ -278,7 +280,7 @@ pub(crate) struct Writer {
     replaying: bool,
 }
 
-pub(crate) struct JournalLink {
+struct JournalLink {
     journal: Journal,
     flush: Flush,
     /// The highest journal mark a reader's snapshot may hold; stored before each commit.
@@ -853,11 +855,7 @@ impl Writer {
     /// each space if it was written unsigned, and writes what the cache held back (the
     /// version vector entries and conflict counts the batch changed, and the HLC).
     /// Returns the signatures added, by (origin, lsn, space).
-    #[allow(clippy::type_complexity)]
-    fn finish(
-        &mut self,
-        txn: &mut RwTxn,
-    ) -> Result<HashMap<(NodeId, u64, SpaceName), [u8; 64]>, StoreError> {
+    fn finish(&mut self, txn: &mut RwTxn) -> Result<Signatures, StoreError> {
         let t = self.tables;
         let mut signed = HashMap::new();
         for (space, state) in self.spaces.iter_mut() {
@@ -935,10 +933,7 @@ impl Writer {
                     journal::put_events(out, space, prepared.iter().map(|p| p.bytes.as_slice()))
                 }
                 (Command::Configure { policy, .. }, Done::Configure) => {
-                    let stored = StoredPolicy {
-                        identity: policy.identity(),
-                        merge: matches!(policy, Policy::Merge(_)),
-                    };
+                    let stored = StoredPolicy::of(policy);
                     journal::put_configure(out, space, &encode_cbor(&stored, 32));
                 }
                 _ => {
@@ -1156,10 +1151,7 @@ impl Writer {
             Command::Transaction { space, writes, .. } => self.check_writes(space, writes),
             Command::Ingest { space, .. } => self.merge_for(space).map(drop),
             Command::Configure { space, policy, .. } => {
-                let given = StoredPolicy {
-                    identity: policy.identity(),
-                    merge: matches!(policy, Policy::Merge(_)),
-                };
+                let given = StoredPolicy::of(policy);
                 match self.spaces.get(space).and_then(|s| s.stored.as_ref()) {
                     Some(stored) if *stored != given => Err(StoreError::PolicyMismatch {
                         space: space.clone(),
@@ -1288,10 +1280,7 @@ impl Writer {
         policy: &Policy,
     ) -> Result<(), StoreError> {
         let sid = self.ensure_space(txn, space)?;
-        let given = StoredPolicy {
-            identity: policy.identity(),
-            merge: matches!(policy, Policy::Merge(_)),
-        };
+        let given = StoredPolicy::of(policy);
         match &self.state(space)?.stored {
             // The `merge` flag is compared too: a resolver and a merge that happen to
             // share a name and version still decide differently.
