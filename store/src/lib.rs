@@ -75,6 +75,7 @@ mod error;
 mod flush;
 mod journal;
 mod map;
+mod prefault;
 mod reads;
 mod tables;
 mod txn;
@@ -410,6 +411,7 @@ impl Store {
             applied_tx.clone(),
         )?
         .with_map(map.clone())
+        .with_prefault()?
         .with_durability(config.durability)?;
         let durable = if full {
             let journal = if rebuild {

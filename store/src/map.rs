@@ -59,6 +59,11 @@ impl MapControl {
         self.lock.read().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The environment whose map this controls.
+    pub fn env(&self) -> &Env<WithoutTls> {
+        &self.env
+    }
+
     /// The map's current size in bytes.
     pub fn map_size(&self) -> usize {
         self.env.info().map_size
@@ -67,7 +72,7 @@ impl MapControl {
     /// Bytes of the file LMDB has used so far: its high-water mark. Free pages below it
     /// are reused, but a transaction that needs more than the free list holds allocates
     /// above it, and that is what fails with `MapFull`.
-    fn used(&self) -> usize {
+    pub fn used(&self) -> usize {
         let page = self.env.unnamed_database_stat().page_size as usize;
         self.env
             .info()

@@ -1159,6 +1159,75 @@ async fn relaxed_durability_runs_without_sync_and_keeps_everything_across_a_rest
     );
 }
 
+/// Resident bytes of this process's mapping of `file`, from `/proc/self/smaps`.
+fn resident_bytes_of(file: &std::path::Path) -> u64 {
+    let name = file.to_str().unwrap();
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let mut lines = smaps.lines();
+    while let Some(line) = lines.next() {
+        if line.ends_with(name) {
+            for l in lines.by_ref() {
+                if let Some(kb) = l.strip_prefix("Rss:") {
+                    let kb = kb.trim().trim_end_matches("kB").trim();
+                    return kb.parse::<u64>().unwrap() * 1024;
+                }
+            }
+        }
+    }
+    0
+}
+
+/// Waits (at most 10 s) until at least `want` bytes of `file`'s mapping are resident.
+async fn wait_resident(file: &std::path::Path, want: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let rss = resident_bytes_of(file);
+        if rss >= want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{rss} bytes of {} resident, expected {want}",
+            file.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_map_is_faulted_in_ahead_of_the_writer_and_after_it_grows() {
+    // A few pages are written; the prefault thread keeps 16 MiB past them mapped.
+    let (dir, store) = fresh(1);
+    put(&store, "k", b"v").await;
+    let file = dir.path().canonicalize().unwrap().join("data.mdb");
+    wait_resident(&file, 16 << 20).await;
+    drop(store);
+
+    // A 1 MiB map is populated whole. After it has grown (a new mapping, nothing
+    // resident) the thread finds it again and populates what lies above the
+    // high-water mark; a map grows when that mark passes 80% of the old size, 40% of
+    // the new one, so more than half of the new map is resident.
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with(
+        &dir,
+        1,
+        StoreConfig {
+            map_size: 1 << 20,
+            ..StoreConfig::default()
+        },
+    );
+    let file = dir.path().canonicalize().unwrap().join("data.mdb");
+    put(&store, "k", b"v").await;
+    wait_resident(&file, 1 << 20).await;
+    for i in 0..40u32 {
+        put(&store, &format!("big/{i}"), &[7; 60 << 10]).await;
+    }
+    let grown = store.map_size();
+    assert!(grown > 1 << 20, "map is {grown}");
+    wait_resident(&file, grown as u64 / 2).await;
+    assert_eq!(store.stats(&space()).await.unwrap().events, 41);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_map_grows_from_a_tiny_start_and_every_write_is_kept() {
     let dir = tempfile::tempdir().unwrap();

@@ -80,6 +80,7 @@ use weft_crdt::{
 use crate::flush::Flusher;
 use crate::journal::{self, Flush, Job, Journal, Op, Scan};
 use crate::map::{self, MapControl};
+use crate::prefault::Prefaulter;
 use crate::tables::{
     decode_event, encode_cbor, event_key, hash_of_encoding, id_key, origin_key, record_key,
     space_meta_key, IdEntry, Record, SpaceId, StoredPolicy, Tables, META_HLC, META_JOURNAL,
@@ -271,6 +272,8 @@ pub(crate) struct Writer {
     map: Arc<MapControl>,
     /// Relaxed mode: the thread that flushes commits to disk.
     flusher: Option<Flusher>,
+    /// The thread that faults the map in ahead of this one (`prefault.rs`).
+    prefault: Option<Prefaulter>,
     /// Full mode: the journal each batch is appended to before its commit, and the
     /// thread that flushes it and then answers (`journal.rs`).
     journal: Option<JournalLink>,
@@ -394,6 +397,7 @@ impl Writer {
             applied_tx,
             map: Arc::new(MapControl::new(env_for_map, usize::MAX)),
             flusher: None,
+            prefault: None,
             journal: None,
             replaying: false,
         };
@@ -443,6 +447,13 @@ impl Writer {
     pub fn with_map(mut self, map: Arc<MapControl>) -> Self {
         self.map = map;
         self
+    }
+
+    /// Starts the thread that faults in the map's pages before this one writes them.
+    /// Call after [`Writer::with_map`]: it follows that map's resizes.
+    pub fn with_prefault(mut self) -> Result<Self, StoreError> {
+        self.prefault = Some(Prefaulter::start(self.map.clone(), self.tables)?);
+        Ok(self)
     }
 
     /// Sets the flush policy; must match the flags the environment was opened with.
@@ -504,6 +515,7 @@ impl Writer {
         // A clean shutdown leaves nothing unflushed, in either mode: the flush thread
         // makes its last flush and is joined.
         drop(self.flusher.take());
+        drop(self.prefault.take());
         if let Some(link) = self.journal.take() {
             let dir = link
                 .journal
@@ -817,8 +829,8 @@ impl Writer {
         result
     }
 
-    /// After every commit: the flush thread (relaxed mode) is told, and the map grown
-    /// ahead of need.
+    /// After every commit: the flush thread (relaxed mode) is told, the map grown ahead
+    /// of need, and the prefault thread told.
     fn committed(&self) {
         if let Some(f) = &self.flusher {
             f.committed();
@@ -826,6 +838,11 @@ impl Writer {
         if let Err(e) = self.map.grow_if_nearly_full() {
             // Not fatal: the next batch that needs room grows or fails then.
             tracing::warn!("store writer: growing the map ahead of time: {e}");
+        }
+        // After growing: a new mapping has nothing populated, and the next commit
+        // may be a long way off.
+        if let Some(p) = &self.prefault {
+            p.committed();
         }
     }
 
