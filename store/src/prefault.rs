@@ -69,13 +69,11 @@ pub(crate) struct Prefaulter {
 }
 
 impl Prefaulter {
-    /// Starts the thread; it populates the first [`AHEAD`] bytes at once.
+    /// Starts the thread. It does nothing until the first commit: a store that is
+    /// only read never has its map populated.
     pub fn start(map: Arc<MapControl>, tables: Tables) -> std::io::Result<Prefaulter> {
         let shared = Arc::new(Shared {
-            state: Mutex::new(State {
-                nudged: true,
-                stop: false,
-            }),
+            state: Mutex::new(State::default()),
             wake: Condvar::new(),
             populated: AtomicUsize::new(0),
         });

@@ -1196,10 +1196,15 @@ async fn wait_resident(file: &std::path::Path, want: u64) {
 
 #[tokio::test]
 async fn the_map_is_faulted_in_ahead_of_the_writer_and_after_it_grows() {
-    // A few pages are written; the prefault thread keeps 16 MiB past them mapped.
+    // Opened and read, a store has nothing populated; once it has written a few
+    // pages, the prefault thread keeps 16 MiB past them mapped.
     let (dir, store) = fresh(1);
-    put(&store, "k", b"v").await;
     let file = dir.path().canonicalize().unwrap().join("data.mdb");
+    store.stats(&space()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let idle = resident_bytes_of(&file);
+    assert!(idle < 4 << 20, "{idle} bytes resident before any write");
+    put(&store, "k", b"v").await;
     wait_resident(&file, 16 << 20).await;
     drop(store);
 
