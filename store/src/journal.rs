@@ -645,32 +645,15 @@ fn flush_loop(
         while let Ok(j) = jobs.try_recv() {
             batch.push(j);
         }
-        let mark = batch.iter().map(|j| j.mark).max().unwrap_or(0);
-        let result = if failed.load(Ordering::Acquire) {
-            Err(io::Error::other("an earlier journal flush failed"))
-        } else if mark <= synced {
-            Ok(())
-        } else {
-            file.sync_data()
-        };
-        if result.is_ok() {
-            synced = synced.max(mark);
+        // A batch whose record was written ahead and flushed while it was applied is
+        // answered now, not after the flush that the next batch's record needs.
+        let (covered, batch): (Vec<Job>, Vec<Job>) =
+            batch.into_iter().partition(|j| j.mark <= synced);
+        for job in covered {
+            (job.then)(None);
         }
-        match &result {
-            Ok(()) => {
-                flushed.send_modify(|s| *s = (*s).max(mark));
-            }
-            Err(e) => {
-                failed.store(true, Ordering::Release);
-                tracing::error!("store: flushing the journal failed; the store refuses writes until it is reopened: {e}");
-            }
-        }
-        let err = result.as_ref().err().map(|e| (e.kind(), e.to_string()));
-        for job in batch {
-            let err = err.as_ref().map(|(kind, e)| {
-                StoreError::Io(io::Error::new(*kind, format!("flushing the journal: {e}")))
-            });
-            (job.then)(err);
+        if !batch.is_empty() {
+            flush_and_answer(batch, file, failed, flushed, &mut synced);
         }
         // Extend ahead of the writer, off its thread, while there is time.
         let allocated = room.allocated.load(Ordering::Acquire);
@@ -679,6 +662,40 @@ fn flush_loop(
                 tracing::warn!("store: preallocating the journal: {e}");
             }
         }
+    }
+}
+
+/// One `fdatasync` covering every job of `batch` (none of which an earlier one
+/// covered), then their answers, with the error if it failed.
+fn flush_and_answer(
+    batch: Vec<Job>,
+    file: &File,
+    failed: &AtomicBool,
+    flushed: &watch::Sender<u64>,
+    synced: &mut u64,
+) {
+    let mark = batch.iter().map(|j| j.mark).max().unwrap_or(0);
+    let result = if failed.load(Ordering::Acquire) {
+        Err(io::Error::other("an earlier journal flush failed"))
+    } else {
+        file.sync_data()
+    };
+    match &result {
+        Ok(()) => {
+            *synced = (*synced).max(mark);
+            flushed.send_modify(|s| *s = (*s).max(mark));
+        }
+        Err(e) => {
+            failed.store(true, Ordering::Release);
+            tracing::error!("store: flushing the journal failed; the store refuses writes until it is reopened: {e}");
+        }
+    }
+    let err = result.as_ref().err().map(|e| (e.kind(), e.to_string()));
+    for job in batch {
+        let err = err.as_ref().map(|(kind, e)| {
+            StoreError::Io(io::Error::new(*kind, format!("flushing the journal: {e}")))
+        });
+        (job.then)(err);
     }
 }
 

@@ -916,9 +916,10 @@ async fn authenticate(
     Ok((events, prepared))
 }
 
-/// Batches committed but not yet flushed that may queue for the journal's flush
-/// thread before the writer waits for it.
-const FLUSH_QUEUE: usize = 4;
+/// Jobs that may queue for the journal's flush thread before the writer waits for it:
+/// a batch journaled ahead queues two (its record's flush, then its answers after the
+/// commit), so this is about four batches.
+const FLUSH_QUEUE: usize = 8;
 
 /// Moves a possibly torn LMDB file out of the way of a rebuild (one copy is kept, for
 /// inspection) and drops its lock file.

@@ -29,7 +29,9 @@
 //! chains to it yet), so every stored chain head of this node is signed and vouches for
 //! the unsigned ones before it through their `prev` hashes. Every
 //! [`MAX_UNSIGNED_RUN`]th consecutive event and the last event of a transaction are
-//! signed when written.
+//! signed when written. A batch of plain appends to spaces that exist is sealed before
+//! it is applied (see below), and there the last event of each space is signed when it
+//! is sealed, so `finish` has nothing left to re-seal.
 //!
 //! Failures: commands run directly in the batch's transaction. Checks that can refuse a
 //! command without writing (a value the space's merge refuses, a policy mismatch) run
@@ -46,7 +48,12 @@
 //! (`journal.rs`) before the commit, with the journal position in the commit, and the
 //! batch is handed to the journal's flush thread, which `fdatasync`s and then broadcasts
 //! and answers; the writer goes on with the next batch meanwhile, so under load each
-//! flush covers the commits made during the one before. In relaxed mode a flush thread
+//! flush covers the commits made during the one before. When the record is known
+//! before the batch runs (a batch of ingests: events as received; a batch of appends to
+//! existing spaces: each event built and sealed from the cached chain head first), it
+//! is written, and its flush started, before the batch is applied, so the `fdatasync`
+//! runs while the writer does the LMDB work; the answers still wait for the commit.
+//! Should such a batch not commit, its record is rewound. In relaxed mode a flush thread
 //! (`flush.rs`) calls `force_sync` at most every `flush_every` while there are commits
 //! it has not flushed. Either way the writer never waits for the disk itself.
 //! A batch that hits `MapFull` is aborted, the map doubled (`map.rs`) and the batch run
@@ -217,6 +224,22 @@ pub(crate) struct Ingested {
 
 /// The signatures `finish` added, by (origin, lsn, space) of their events.
 type Signatures = HashMap<(NodeId, u64, SpaceName), [u8; 64]>;
+
+/// A local event built and sealed, not yet stored.
+struct Sealed {
+    event: Event,
+    bytes: Vec<u8>,
+    hash: EventHash,
+    signed: bool,
+}
+
+/// A batch's record, written ahead of applying the batch ([`Writer::journal_ahead`]).
+struct Ahead {
+    before: journal::Position,
+    after: journal::Position,
+    /// A batch of appends: each command's event, as the record holds it.
+    sealed: Vec<Sealed>,
+}
 
 /// What a command produced, held until the batch commits. Local events keep the
 /// encoding they were stored with, for the journal (empty once `finish` signed one:
@@ -608,18 +631,19 @@ impl Writer {
 
     /// One try at a batch in one transaction; see [`Writer::run_batch`].
     ///
-    /// Full mode, a batch of nothing but ingests: remote events are journaled as
-    /// received, so the record can be written, and its flush started, before the
-    /// batch is applied; the flush then overlaps the work of applying it. Should the
-    /// attempt not commit, the record is rewound (a flushed record past the position
-    /// LMDB holds is as if never written: the next record overwrites it).
+    /// Full mode: when the batch's record can be written before the batch is applied
+    /// (see [`Writer::journal_ahead`]), it is, and the flush thread starts flushing it;
+    /// the flush then overlaps the work of applying the batch. Should the attempt not
+    /// commit, the record is rewound (a flushed record past the position LMDB holds is
+    /// as if never written: the next record overwrites it).
     fn attempt(&mut self, batch: &mut [Command]) -> Attempt {
-        let early = match self.journal_ahead(batch) {
-            Ok(early) => early,
+        let ahead = match self.journal_ahead(batch) {
+            Ok(ahead) => ahead,
             Err(e) => return Attempt::Failed(e),
         };
-        let attempt = self.attempt_with(batch, early);
-        if let (Some((before, _)), false) = (early, matches!(attempt, Attempt::Committed(_))) {
+        let before = ahead.as_ref().map(|a| a.before);
+        let attempt = self.attempt_with(batch, ahead);
+        if let (Some(before), false) = (before, matches!(attempt, Attempt::Committed(_))) {
             if let Some(link) = &mut self.journal {
                 if let Err(e) = link.journal.rewind(before) {
                     tracing::error!("store writer: rewinding the journal: {e}");
@@ -629,34 +653,49 @@ impl Writer {
         attempt
     }
 
-    /// Writes the record of a batch of ingests that all pass their prechecks ahead of
-    /// applying it, and has the flush thread start flushing it. Returns the positions
-    /// before and after it.
-    fn journal_ahead(
-        &mut self,
-        batch: &[Command],
-    ) -> Result<Option<(journal::Position, journal::Position)>, StoreError> {
-        if self.journal.is_none()
-            || !batch
-                .iter()
-                .all(|c| matches!(c, Command::Ingest { .. }) && self.precheck(c).is_ok())
-        {
+    /// Writes a batch's record ahead of applying it, and has the flush thread start
+    /// flushing it, when the record is known before the batch runs:
+    /// - a batch of ingests: remote events are journaled as received;
+    /// - a batch of appends to spaces that exist: each event is built and sealed here
+    ///   (the last of each space signed, as `finish` would), from the cached version
+    ///   vector and chain head; the record holds them as they will be stored.
+    ///
+    /// Every command must pass its precheck; otherwise (or if sealing an append
+    /// fails) nothing is written, and the batch runs the ordinary way, which answers
+    /// the failure. Returns the positions around the record and the sealed appends.
+    fn journal_ahead(&mut self, batch: &[Command]) -> Result<Option<Ahead>, StoreError> {
+        if self.journal.is_none() || !batch.iter().all(|c| self.precheck(c).is_ok()) {
             return Ok(None);
         }
+        let sealed = if batch.iter().all(|c| matches!(c, Command::Ingest { .. })) {
+            Vec::new()
+        } else {
+            match self.seal_appends(batch) {
+                Some(sealed) => sealed,
+                None => return Ok(None),
+            }
+        };
         let Some(link) = &mut self.journal else {
             return Ok(None);
         };
         let out = link.record()?;
-        for cmd in batch {
-            if let Command::Ingest {
-                space, prepared, ..
-            } = cmd
-            {
-                journal::put_events(
-                    out,
-                    space.as_str(),
-                    prepared.iter().map(|p| p.bytes.as_slice()),
-                );
+        if sealed.is_empty() {
+            for cmd in batch {
+                if let Command::Ingest {
+                    space, prepared, ..
+                } = cmd
+                {
+                    journal::put_events(
+                        out,
+                        space.as_str(),
+                        prepared.iter().map(|p| p.bytes.as_slice()),
+                    );
+                }
+            }
+        } else {
+            // One operation per command, as `journal_batch` writes them.
+            for (cmd, s) in batch.iter().zip(&sealed) {
+                journal::put_events(out, cmd.space().as_str(), [s.bytes.as_slice()].into_iter());
             }
         }
         let (before, after) = link.append()?;
@@ -664,14 +703,82 @@ impl Writer {
             mark: link.journal.mark(),
             then: Box::new(|_| {}),
         });
-        Ok(Some((before, after)))
+        Ok(Some(Ahead {
+            before,
+            after,
+            sealed,
+        }))
     }
 
-    fn attempt_with(
-        &mut self,
-        batch: &mut [Command],
-        early: Option<(journal::Position, journal::Position)>,
-    ) -> Attempt {
+    /// Seals the events of a batch of nothing but appends to spaces that exist, in
+    /// order, each space's chain continuing from its cached head; `None` if the batch
+    /// is not such a batch or any append cannot be sealed (the ordinary run answers
+    /// that). Changes nothing but the HLC.
+    fn seal_appends(&mut self, batch: &[Command]) -> Option<Vec<Sealed>> {
+        /// A space's chain as the batch extends it.
+        struct Chain {
+            seq: u64,
+            prev: Option<EventHash>,
+            clock: weft_crdt::VectorClock,
+            unsigned_run: usize,
+        }
+        let me = self.node_id;
+        // The index of each space's last append: its event is signed.
+        let mut last = HashMap::new();
+        for (i, cmd) in batch.iter().enumerate() {
+            match cmd {
+                Command::Append { space, .. } if self.spaces.contains_key(space) => {
+                    last.insert(space, i);
+                }
+                _ => return None,
+            }
+        }
+        let mut chains: HashMap<&SpaceName, Chain> = HashMap::new();
+        let mut sealed = Vec::with_capacity(batch.len());
+        for (i, cmd) in batch.iter().enumerate() {
+            let Command::Append { space, write, .. } = cmd else {
+                return None;
+            };
+            if !chains.contains_key(space) {
+                let state = self.spaces.get(space)?;
+                let seq = state.vv.get(&me);
+                let prev = match seq {
+                    0 => None,
+                    _ => Some(*state.heads.get(&me)?),
+                };
+                chains.insert(
+                    space,
+                    Chain {
+                        seq,
+                        prev,
+                        clock: state.vv.as_clock().clone(),
+                        unsigned_run: state.unsigned_run,
+                    },
+                );
+            }
+            let chain = chains.get(space)?;
+            let seq = chain.seq + 1;
+            let sign = last.get(space) == Some(&i) || chain.unsigned_run + 1 >= MAX_UNSIGNED_RUN;
+            let (prev, clock) = (chain.prev, chain.clock.clone());
+            let s = self
+                .seal_local(space, write, None, seq, prev, clock, sign)
+                .ok()?;
+            let chain = chains.get_mut(space)?;
+            chain.seq = seq;
+            chain.prev = Some(s.hash);
+            chain.clock.set(me, seq);
+            chain.unsigned_run = if sign { 0 } else { chain.unsigned_run + 1 };
+            sealed.push(s);
+        }
+        Some(sealed)
+    }
+
+    fn attempt_with(&mut self, batch: &mut [Command], ahead: Option<Ahead>) -> Attempt {
+        let (early, sealed) = match ahead {
+            Some(a) => (Some(a.after), a.sealed),
+            None => (None, Vec::new()),
+        };
+        let mut sealed = sealed.into_iter();
         let env = self.env.clone();
         let mut txn = match env.write_txn() {
             Ok(t) => t,
@@ -680,10 +787,18 @@ impl Writer {
         let mut results = Vec::with_capacity(batch.len());
         let alone = batch.len() == 1;
         for cmd in batch.iter_mut() {
+            let sealed = sealed.next();
             let result = match self.precheck(cmd) {
                 // Refused before anything was written or cached.
                 Err(e) => Err(e),
-                Ok(()) => match self.run_command(&mut txn, cmd) {
+                Ok(()) => match match (sealed, &*cmd) {
+                    (Some(s), Command::Append { space, .. }) => {
+                        let space = space.clone();
+                        self.store_local(&mut txn, &space, s)
+                            .map(|(a, bytes)| Done::Append(Box::new(a), bytes))
+                    }
+                    _ => self.run_command(&mut txn, cmd),
+                } {
                     Ok(done) => Ok(done),
                     Err(e) if map::is_map_full(&e) => {
                         txn.abort();
@@ -712,7 +827,7 @@ impl Writer {
                 touched: false,
             };
         }
-        match self.commit_batch(txn, batch, &mut results, early.map(|(_, after)| after)) {
+        match self.commit_batch(txn, batch, &mut results, early) {
             Ok(()) => Attempt::Committed(results),
             Err(e) if map::is_map_full(&e) => Attempt::MapFull,
             Err(e) => {
@@ -739,6 +854,14 @@ impl Writer {
                 return Err(e);
             }
         };
+        if !signed.is_empty() && journaled.is_some() {
+            // The record written ahead holds the events as they were before `finish`
+            // signed one; committing would leave the journal disagreeing with LMDB.
+            txn.abort();
+            return Err(StoreError::Corrupt(
+                "a batch journaled ahead had an unsigned chain head to sign".into(),
+            ));
+        }
         if !signed.is_empty() {
             for done in results.iter_mut().flatten() {
                 done.add_signatures(&signed);
@@ -1402,8 +1525,7 @@ impl Writer {
         txn_tag: Option<&str>,
         sign: bool,
     ) -> Result<(Applied, Vec<u8>), StoreError> {
-        let sid = self.ensure_space(txn, space)?;
-        let merge = self.merge_for(space)?;
+        self.ensure_space(txn, space)?;
         let me = self.node_id;
         let state = self.state(space)?;
         let seq = state.vv.get(&me) + 1;
@@ -1415,7 +1537,26 @@ impl Writer {
             })?)
         };
         let sign = sign || state.unsigned_run + 1 >= MAX_UNSIGNED_RUN;
-        let mut clock = state.vv.as_clock().clone();
+        let clock = state.vv.as_clock().clone();
+        let sealed = self.seal_local(space, write, txn_tag, seq, prev, clock, sign)?;
+        self.store_local(txn, space, sealed)
+    }
+
+    /// Builds and seals (signed if `sign`) this node's event `seq` of `space` for
+    /// `write`, after `prev`, on `clock` (the space's version vector before it). Reads
+    /// and writes nothing but the HLC.
+    #[allow(clippy::too_many_arguments)]
+    fn seal_local(
+        &mut self,
+        space: &SpaceName,
+        write: &Write,
+        txn_tag: Option<&str>,
+        seq: u64,
+        prev: Option<EventHash>,
+        mut clock: weft_crdt::VectorClock,
+        sign: bool,
+    ) -> Result<Sealed, StoreError> {
+        let me = self.node_id;
         clock.set(me, seq);
         let event = UnsignedEvent {
             origin: me,
@@ -1444,9 +1585,32 @@ impl Writer {
         event.validate().map_err(StoreError::Invalid)?;
         let bytes = event.encode();
         let hash = hash_of_encoding(&bytes);
+        Ok(Sealed {
+            event,
+            bytes,
+            hash,
+            signed: sign,
+        })
+    }
+
+    /// Stores a local event sealed by [`Writer::seal_local`] as the space's next one.
+    fn store_local(
+        &mut self,
+        txn: &mut RwTxn,
+        space: &SpaceName,
+        sealed: Sealed,
+    ) -> Result<(Applied, Vec<u8>), StoreError> {
+        let Sealed {
+            event,
+            bytes,
+            hash,
+            signed,
+        } = sealed;
+        let sid = self.state(space)?.sid;
+        let merge = self.merge_for(space)?;
         let applied = self.apply(txn, space, sid, event, &bytes, hash, merge.as_deref(), true)?;
         let state = self.state_mut(space)?;
-        if sign {
+        if signed {
             state.unsigned_head = None;
             state.unsigned_run = 0;
         } else {
