@@ -37,8 +37,12 @@ async fn put(store: &Store, k: &str, v: &[u8]) -> Applied {
 }
 
 async fn all_events(store: &Store) -> Vec<Event> {
+    events_of(store, &space()).await
+}
+
+async fn events_of(store: &Store, space: &SpaceName) -> Vec<Event> {
     store
-        .events_since(&space(), 0, usize::MAX)
+        .events_since(space, 0, usize::MAX)
         .await
         .unwrap()
         .into_iter()
@@ -2632,16 +2636,6 @@ async fn after_a_machine_crash_the_store_is_rebuilt_from_its_journal() {
     crash_machine(&dir);
     let store = open(&dir, 1);
     assert_eq!(all_events(&store).await, events);
-}
-
-async fn events_of(store: &Store, space: &SpaceName) -> Vec<Event> {
-    store
-        .events_since(space, 0, usize::MAX)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|a| a.event)
-        .collect()
 }
 
 #[tokio::test]
