@@ -133,6 +133,30 @@ pub(crate) enum Command {
 }
 
 impl Command {
+    /// Frees what answering does not need (the write, the remote encodings), on the
+    /// calling thread. The writer calls this before handing a batch to the flush
+    /// thread: glibc's allocator locks a block's arena when another thread frees it,
+    /// and the writer allocates from its arena all the time, so frees made on the
+    /// flush thread showed as lock hand-offs (`__lll_lock_wake_private`) in both.
+    fn shed(&mut self) {
+        match self {
+            Command::Append { write, .. } => {
+                drop(std::mem::take(&mut write.key));
+                drop(std::mem::take(&mut write.kind));
+                drop(std::mem::take(&mut write.payload));
+                drop(std::mem::take(&mut write.meta));
+            }
+            Command::Ingest {
+                events, prepared, ..
+            } => {
+                drop(std::mem::take(events));
+                drop(std::mem::take(prepared));
+            }
+            Command::Transaction { writes, .. } => drop(std::mem::take(writes)),
+            Command::Configure { .. } => {}
+        }
+    }
+
     fn space(&self) -> &SpaceName {
         match self {
             Command::Append { space, .. }
@@ -252,6 +276,16 @@ enum Done {
 }
 
 impl Done {
+    /// Frees the stored encodings, which only the journal needed (see
+    /// [`Command::shed`]).
+    fn shed(&mut self) {
+        match self {
+            Done::Append(_, bytes) => drop(std::mem::take(bytes)),
+            Done::Transaction(_, bytes) => drop(std::mem::take(bytes)),
+            Done::Ingest(_) | Done::Configure => {}
+        }
+    }
+
     /// Puts the signatures `finish` added into the events they belong to.
     fn add_signatures(&mut self, signed: &Signatures) {
         let (applied, mut encoded): (&mut [Applied], Option<&mut [Vec<u8>]>) = match self {
@@ -971,9 +1005,11 @@ impl Writer {
 
     /// Answers a batch whose commits are done: at once in relaxed mode, after the
     /// journal flush in full mode.
-    fn deliver(&self, batch: Vec<Command>, results: Vec<Result<Done, StoreError>>) {
+    fn deliver(&self, mut batch: Vec<Command>, mut results: Vec<Result<Done, StoreError>>) {
         match &self.journal {
             Some(link) => {
+                batch.iter_mut().for_each(Command::shed);
+                results.iter_mut().flatten().for_each(Done::shed);
                 let feed = self.applied_tx.clone();
                 link.flush.submit(Job {
                     mark: link.journal.mark(),
