@@ -4,9 +4,11 @@
 //! disk when something calls `force_sync` (an `fdatasync` of the data file). That call
 //! takes milliseconds on a loaded disk. Made by the writer thread, it stalled every
 //! command queued behind it — a remote event arriving during a flush waited for it —
-//! which showed as the tail of gossip latency in a mesh of relaxed nodes. LMDB's sync is
-//! a plain `fdatasync` on the file descriptor, safe beside a running write transaction,
-//! so this thread makes it instead and the writer only marks that it committed.
+//! which showed as the tail of gossip latency in a mesh of relaxed nodes. LMDB's sync
+//! (with `WRITE_MAP`: reading the meta pages, `msync` of the mapping) is safe beside a
+//! running write transaction, so this thread makes it instead and the writer only marks
+//! that it committed. It is not safe beside a resize, which unmaps the mapping, so each
+//! flush holds the map's shared lock (`map.rs`), as reads do.
 //!
 //! What a flush makes durable: every commit that returned before the flush began. A
 //! commit racing with it is covered by the next flush, which the writer's mark (set
@@ -16,7 +18,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use heed::{Env, WithoutTls};
+use crate::map::MapControl;
 
 #[derive(Default)]
 struct State {
@@ -47,10 +49,18 @@ pub(crate) struct Flusher {
 }
 
 impl Flusher {
-    /// Starts a thread that flushes `env` at most every `every` while there are commits
-    /// it has not flushed.
-    pub fn start(env: Env<WithoutTls>, every: Duration) -> std::io::Result<Flusher> {
-        Flusher::start_with(every, move || env.force_sync())
+    /// Starts a thread that flushes the environment of `map` at most every `every`
+    /// while there are commits it has not flushed.
+    ///
+    /// Each flush holds the map's shared lock: with `WRITE_MAP`, LMDB's sync reads the
+    /// meta pages and `msync`s through the mapping, which a resize unmaps. Without the
+    /// lock a resize during a flush crashed the process (SIGSEGV in
+    /// `mdb_env_pick_meta`, found by `weft-bench ingest`).
+    pub fn start(map: Arc<MapControl>, every: Duration) -> std::io::Result<Flusher> {
+        Flusher::start_with(every, move || {
+            let _guard = map.read_guard();
+            map.env().force_sync()
+        })
     }
 
     /// [`Flusher::start`] with the flush itself given, so tests can count flushes.

@@ -803,6 +803,8 @@ impl Store {
     /// The LMDB map's current size in bytes. It starts at [`StoreConfig::map_size`] and
     /// doubles as the data grows.
     pub fn map_size(&self) -> usize {
+        // LMDB reads the size from its meta pages, inside the mapping a resize unmaps.
+        let _guard = self.inner.map.read_guard();
         self.inner.map.map_size()
     }
 

@@ -1164,6 +1164,56 @@ async fn relaxed_durability_runs_without_sync_and_keeps_everything_across_a_rest
 }
 
 /// Resident bytes of this process's mapping of `file`, from `/proc/self/smaps`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_map_grows_safely_while_relaxed_flushes_and_size_queries_run() {
+    // Relaxed mode's flush thread syncs through the mapping, and `map_size` reads
+    // LMDB's meta pages inside it; a resize unmaps it. Both must hold the map's lock:
+    // without it this test crashed the process (SIGSEGV in `mdb_env_pick_meta`).
+    let config = StoreConfig {
+        map_size: 1 << 20,
+        durability: Durability::Relaxed {
+            flush_every: Duration::ZERO,
+        },
+        ..StoreConfig::default()
+    };
+    for round in 0..6u8 {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_with(&dir, 1, config.clone());
+        let polling = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut largest = 0;
+                for _ in 0..20_000 {
+                    largest = largest.max(store.map_size());
+                    tokio::task::yield_now().await;
+                }
+                largest
+            })
+        };
+        let mut tasks = Vec::new();
+        for t in 0..16u32 {
+            let s = store.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..200u32 {
+                    let payload = vec![round; 2048];
+                    s.append(&space(), Write::put(format!("k/{t}/{i}"), payload))
+                        .await?;
+                }
+                Ok::<_, StoreError>(())
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        assert!(polling.await.unwrap() >= 1 << 20);
+        assert!(store.inner.map.grows.load(Ordering::Relaxed) >= 3);
+        assert_eq!(store.stats(&space()).await.unwrap().events, 3_200);
+        drop(store);
+        let report = check(dir.path()).unwrap();
+        assert!(report.is_clean(), "{report:?}");
+    }
+}
+
 fn resident_bytes_of(file: &std::path::Path) -> u64 {
     let name = file.to_str().unwrap();
     let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();

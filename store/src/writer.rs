@@ -514,12 +514,13 @@ impl Writer {
     }
 
     /// Sets the flush policy; must match the flags the environment was opened with.
-    /// Relaxed mode starts the flush thread.
+    /// Relaxed mode starts the flush thread. Call after [`Writer::with_map`]: the
+    /// flushes take that map's lock.
     pub fn with_durability(mut self, durability: Durability) -> Result<Self, StoreError> {
         self.flusher = match durability {
             Durability::Full => None,
             Durability::Relaxed { flush_every } => {
-                Some(Flusher::start(self.env.clone(), flush_every)?)
+                Some(Flusher::start(self.map.clone(), flush_every)?)
             }
         };
         Ok(self)
