@@ -133,8 +133,8 @@ pub(crate) enum Command {
 }
 
 impl Command {
-    /// Frees what answering does not need (the write, the remote encodings), on the
-    /// calling thread. The writer calls this before handing a batch to the flush
+    /// Frees what answering does not need (a local command's writes), on the calling
+    /// thread. The writer calls this before handing a batch to the flush
     /// thread: glibc's allocator locks a block's arena when another thread frees it,
     /// and the writer allocates from its arena all the time, so frees made on the
     /// flush thread showed as lock hand-offs (`__lll_lock_wake_private`) in both.
