@@ -12,8 +12,11 @@
 //! the read paths on blocking threads: each holds [`MapControl::read_guard`] (a shared
 //! lock) for as long as its transaction lives, and [`MapControl::grow`] takes the lock
 //! exclusively, so a resize waits for open readers to finish and new readers wait for
-//! the resize. Readers never wait for the writer otherwise, and the writer takes the lock
-//! only for the microseconds a resize takes.
+//! the resize. Relaxed mode's flush holds the shared side too, for its whole
+//! `force_sync` (LMDB reads the meta pages and `msync`s through the mapping), so a resize
+//! can wait for a flush; resizes are rare (the map doubles each time). Readers never wait
+//! for the writer otherwise, and the writer holds the lock only for the microseconds a
+//! resize takes.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{PoisonError, RwLock, RwLockReadGuard};

@@ -2215,23 +2215,11 @@ async fn append_in_one_batch(store: &Store, seed: u8, writes: Vec<Write>) -> Vec
         tx,
     )
     .unwrap();
-    let mut answers = Vec::new();
-    let mut batch = Vec::new();
-    for write in writes {
-        let (reply, answer) = oneshot::channel();
-        batch.push(Command::Append {
-            space: space(),
-            write,
-            reply,
-        });
-        answers.push(answer);
-    }
-    writer.run_batch(batch);
-    let mut out = Vec::new();
-    for answer in answers {
-        out.push(answer.await.unwrap().unwrap());
-    }
-    out
+    run_appends(&mut writer, &space(), writes)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect()
 }
 
 fn signed_seqs(events: &[Event]) -> Vec<u64> {
@@ -2688,6 +2676,131 @@ async fn after_a_machine_crash_the_store_is_rebuilt_from_its_journal() {
     assert_eq!(all_events(&store).await, events);
 }
 
+/// A second writer on `store`'s environment and journal, for driving a batch by hand
+/// in full mode. The store's own writer must stay idle while it is used.
+fn journaled_writer(store: &Store, dir: &TempDir) -> Writer {
+    let journal_path = dir.path().join(journal::JOURNAL_FILE);
+    let position = {
+        let txn = store.inner.env.read_txn().unwrap();
+        let bytes = store
+            .inner
+            .tables
+            .meta
+            .get(&txn, tables::META_JOURNAL)
+            .unwrap()
+            .unwrap();
+        journal::Position::from_bytes(bytes).unwrap()
+    };
+    let j = journal::Journal::open_at(&journal_path, position)
+        .unwrap()
+        .unwrap();
+    let (flush, durable) = journal::Flush::start(&j, 8).unwrap();
+    let (tx, _rx) = broadcast::channel(16);
+    Writer::new(
+        store.inner.env.clone(),
+        store.inner.tables,
+        key(1),
+        Hlc::default(),
+        2_000,
+        tx,
+    )
+    .unwrap()
+    .with_map(store.inner.map.clone())
+    .with_journal(j, flush, durable.written.clone())
+}
+
+/// A merge whose `check` accepts the payload `flaky` once and refuses it after: a
+/// misbehaving application merge.
+#[derive(Debug, Default)]
+struct Flaky(std::sync::atomic::AtomicUsize);
+
+impl weft_crdt::Merge for Flaky {
+    fn name(&self) -> &str {
+        "flaky"
+    }
+    fn check(&self, _op: Op, payload: &[u8]) -> Result<(), weft_crdt::MergeError> {
+        if payload == b"flaky" && self.0.fetch_add(1, Ordering::SeqCst) > 0 {
+            return Err(weft_crdt::MergeError("changed its mind".into()));
+        }
+        Ok(())
+    }
+    fn apply(
+        &self,
+        _state: Option<&[u8]>,
+        event: &Event,
+    ) -> Result<Vec<u8>, weft_crdt::MergeError> {
+        Ok(event.payload.clone())
+    }
+    fn read(&self, state: &[u8]) -> Result<Option<Vec<u8>>, weft_crdt::MergeError> {
+        Ok(Some(state.to_vec()))
+    }
+}
+
+/// Runs `writes` through `writer` as one batch of appends to `space` and returns
+/// each command's answer.
+async fn run_appends(
+    writer: &mut Writer,
+    space: &SpaceName,
+    writes: Vec<Write>,
+) -> Vec<Result<Applied, StoreError>> {
+    let mut answers = Vec::new();
+    let mut batch = Vec::new();
+    for write in writes {
+        let (reply, answer) = oneshot::channel();
+        batch.push(Command::Append {
+            space: space.clone(),
+            write,
+            reply,
+        });
+        answers.push(answer);
+    }
+    writer.run_batch(batch);
+    let mut out = Vec::new();
+    for answer in answers {
+        out.push(answer.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_merge_check_that_changes_its_answer_leaves_no_hole_in_a_sealed_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir, 1);
+    let flaky = SpaceName::new("flaky").unwrap();
+    let policy = Policy::Merge(Arc::new(Flaky::default()));
+    store.configure_space(&flaky, policy.clone()).await.unwrap();
+    store
+        .append(&flaky, Write::put("first", b"0".to_vec()))
+        .await
+        .unwrap();
+    let mut writer = journaled_writer(&store, &dir);
+    let (reply, configured) = oneshot::channel();
+    writer.run_batch(vec![Command::Configure {
+        space: flaky.clone(),
+        policy,
+        reply,
+    }]);
+    configured.await.unwrap().unwrap();
+    // Sealed and journaled ahead: `flaky` passes its check then and fails it when the
+    // batch is applied. The batch runs again with each command alone.
+    let writes = [&b"a"[..], b"flaky", b"b"]
+        .into_iter()
+        .map(|v| Write::put("k", v.to_vec()))
+        .collect();
+    let results = run_appends(&mut writer, &flaky, writes).await;
+    drop(writer);
+    assert!(results[1].is_err(), "the refused write fails");
+    let (a, b) = (results[0].as_ref().unwrap(), results[2].as_ref().unwrap());
+    assert_eq!((a.event.seq, b.event.seq), (2, 3), "no seq skipped");
+    let events = events_of(&store, &flaky).await;
+    assert_eq!(events.len(), 3);
+    assert_eq!(events[2].prev, Some(events[1].hash()));
+    weft_crdt::sync::verify_batch(&flaky, &events).unwrap();
+    drop(store);
+    let report = check(dir.path()).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+}
+
 #[tokio::test]
 async fn appends_journaled_ahead_of_their_batch_are_rebuilt_exactly_after_a_machine_crash() {
     let dir = tempfile::tempdir().unwrap();
@@ -2707,34 +2820,7 @@ async fn appends_journaled_ahead_of_their_batch_are_rebuilt_exactly_after_a_mach
     // that exist, sealed and journaled before they are applied. 1,500 appends of 1 KiB
     // do not fit in a 1 MiB map: the record is rewound, the map grown, and the batch
     // sealed and journaled again.
-    let journal_path = dir.path().join(journal::JOURNAL_FILE);
-    let position = {
-        let txn = store.inner.env.read_txn().unwrap();
-        let bytes = store
-            .inner
-            .tables
-            .meta
-            .get(&txn, tables::META_JOURNAL)
-            .unwrap()
-            .unwrap();
-        journal::Position::from_bytes(bytes).unwrap()
-    };
-    let j = journal::Journal::open_at(&journal_path, position)
-        .unwrap()
-        .unwrap();
-    let (flush, durable) = journal::Flush::start(&j, 8).unwrap();
-    let (tx, _rx) = broadcast::channel(16);
-    let mut writer = Writer::new(
-        store.inner.env.clone(),
-        store.inner.tables,
-        key(1),
-        Hlc::default(),
-        2_000,
-        tx,
-    )
-    .unwrap()
-    .with_map(store.inner.map.clone())
-    .with_journal(j, flush, durable.written.clone());
+    let mut writer = journaled_writer(&store, &dir);
     let mut answers = Vec::new();
     let mut batch = Vec::new();
     for i in 0..1_500u32 {

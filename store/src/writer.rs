@@ -351,6 +351,25 @@ struct JournalLink {
 }
 
 impl JournalLink {
+    /// Forgets the record after `before`, whose batch did not commit, and flushes that
+    /// before the batch's callers hear of the failure. The record may already be on disk
+    /// (a record written ahead has its flush started at once, and any flush covers every
+    /// record written by then): left there, a power cut followed by a rebuild would
+    /// replay writes whose callers were told they failed. If this fails, the store
+    /// refuses writes until it is reopened, as after a failed flush.
+    fn rewind(&mut self, before: journal::Position) {
+        let rewound = self
+            .journal
+            .rewind(before)
+            .and_then(|()| self.journal.sync());
+        if let Err(e) = rewound {
+            self.flush.failed.store(true, Ordering::Release);
+            tracing::error!(
+                "store writer: rewinding the journal failed; the store refuses writes until it is reopened: {e}"
+            );
+        }
+    }
+
     /// The buffer for the next record's payload; refused once a flush has failed.
     fn record(&mut self) -> Result<&mut Vec<u8>, StoreError> {
         if self.flush.failed.load(Ordering::Acquire) {
@@ -685,9 +704,7 @@ impl Writer {
         let attempt = self.attempt_with(batch, ahead);
         if let (Some(before), false) = (before, matches!(attempt, Attempt::Committed(_))) {
             if let Some(link) = &mut self.journal {
-                if let Err(e) = link.journal.rewind(before) {
-                    tracing::error!("store writer: rewinding the journal: {e}");
-                }
+                link.rewind(before);
             }
         }
         attempt
@@ -829,6 +846,13 @@ impl Writer {
         for cmd in batch.iter_mut() {
             let sealed = sealed.next();
             let result = match self.precheck(cmd) {
+                // Journaled ahead, every command passed its precheck. A merge whose
+                // `check` now answers otherwise would leave a hole in the sealed chain:
+                // the batch runs again the ordinary way, each command alone.
+                Err(_) if sealed.is_some() => {
+                    txn.abort();
+                    return Attempt::Isolate;
+                }
                 // Refused before anything was written or cached.
                 Err(e) => Err(e),
                 Ok(()) => match match (sealed, &*cmd) {
@@ -928,9 +952,7 @@ impl Writer {
         let committed = txn.commit();
         if committed.is_err() {
             if let (Some(link), Some(before)) = (&mut self.journal, rewind) {
-                if let Err(e) = link.journal.rewind(before) {
-                    tracing::error!("store writer: rewinding the journal: {e}");
-                }
+                link.rewind(before);
             }
         }
         committed.map_err(Into::into)
@@ -1127,9 +1149,7 @@ impl Writer {
         }
         let (before, after) = link.append()?;
         if let Err(e) = self.tables.meta.put(txn, META_JOURNAL, &after.to_bytes()) {
-            if let Err(r) = link.journal.rewind(before) {
-                tracing::error!("store writer: rewinding the journal: {r}");
-            }
+            link.rewind(before);
             return Err(e.into());
         }
         Ok(Some(before))
