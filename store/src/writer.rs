@@ -69,6 +69,7 @@
 //! finishes its batch and exits; `Store`'s drop joins it.
 
 use std::borrow::Borrow;
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -340,7 +341,7 @@ pub(crate) struct Writer {
     /// against it: the check ran once per ingested event, and reading the clock was 3%
     /// of the writer's time in a catch-up. The real clock is at least this reading, so
     /// an event within the lead of it is within the lead of now.
-    wall_ms: u64,
+    wall_seen_ms: u64,
 }
 
 struct JournalLink {
@@ -479,7 +480,7 @@ impl Writer {
             prefault: None,
             journal: None,
             replaying: false,
-            wall_ms: wall_ms(),
+            wall_seen_ms: wall_ms(),
         };
         w.reload()?;
         Ok(w)
@@ -628,7 +629,7 @@ impl Writer {
     /// again from the start: nothing of the failed attempt was committed or answered,
     /// so to the callers it is as if the map had always been large enough.
     pub(crate) fn run_batch(&mut self, mut batch: Vec<Command>) {
-        self.wall_ms = wall_ms();
+        self.wall_seen_ms = wall_ms();
         // Policies are not reloaded from disk, so an aborted attempt restores them from
         // here. Only batches that configure anything pay for the copy.
         let policies_before = batch
@@ -772,7 +773,8 @@ impl Writer {
     /// is not such a batch or any append cannot be sealed (the ordinary run answers
     /// that). Changes nothing but the HLC.
     fn seal_appends(&mut self, batch: &[Command]) -> Option<Vec<Sealed>> {
-        /// A space's chain as the batch extends it.
+        /// A space's chain as the batch extends it; `clock` is the space's version
+        /// vector before the batch (`seal_local` sets this node's entry).
         struct Chain {
             seq: u64,
             prev: Option<EventHash>,
@@ -796,34 +798,38 @@ impl Writer {
             let Command::Append { space, write, .. } = cmd else {
                 return None;
             };
-            if !chains.contains_key(space) {
-                let state = self.spaces.get(space)?;
-                let seq = state.vv.get(&me);
-                let prev = match seq {
-                    0 => None,
-                    _ => Some(*state.heads.get(&me)?),
-                };
-                chains.insert(
-                    space,
-                    Chain {
+            let chain = match chains.entry(space) {
+                Entry::Occupied(e) => e.into_mut(),
+                Entry::Vacant(v) => {
+                    let state = self.spaces.get(space)?;
+                    let seq = state.vv.get(&me);
+                    let prev = match seq {
+                        0 => None,
+                        _ => Some(*state.heads.get(&me)?),
+                    };
+                    v.insert(Chain {
                         seq,
                         prev,
                         clock: state.vv.as_clock().clone(),
                         unsigned_run: state.unsigned_run,
-                    },
-                );
-            }
-            let chain = chains.get(space)?;
+                    })
+                }
+            };
             let seq = chain.seq + 1;
             let sign = last.get(space) == Some(&i) || chain.unsigned_run + 1 >= MAX_UNSIGNED_RUN;
-            let (prev, clock) = (chain.prev, chain.clock.clone());
             let s = self
-                .seal_local(space, write, None, seq, prev, clock, sign)
+                .seal_local(
+                    space,
+                    write,
+                    None,
+                    seq,
+                    chain.prev,
+                    chain.clock.clone(),
+                    sign,
+                )
                 .ok()?;
-            let chain = chains.get_mut(space)?;
             chain.seq = seq;
             chain.prev = Some(s.hash);
-            chain.clock.set(me, seq);
             chain.unsigned_run = if sign { 0 } else { chain.unsigned_run + 1 };
             sealed.push(s);
         }
@@ -844,24 +850,21 @@ impl Writer {
         let mut results = Vec::with_capacity(batch.len());
         let alone = batch.len() == 1;
         for cmd in batch.iter_mut() {
-            let sealed = sealed.next();
-            let result = match self.precheck(cmd) {
-                // Journaled ahead, every command passed its precheck. A merge whose
-                // `check` now answers otherwise would leave a hole in the sealed chain:
-                // the batch runs again the ordinary way, each command alone.
-                Err(_) if sealed.is_some() => {
-                    txn.abort();
-                    return Attempt::Isolate;
-                }
+            // A sealed append passed its precheck when it was sealed, before its seq was
+            // taken; it is not asked again (an application merge whose `check` changed
+            // its answer would otherwise leave a hole in the sealed chain).
+            let checked = match (sealed.next(), &*cmd) {
+                (Some(s), Command::Append { space, .. }) => Ok(Some((space.clone(), s))),
+                _ => self.precheck(cmd).map(|()| None),
+            };
+            let result = match checked {
                 // Refused before anything was written or cached.
                 Err(e) => Err(e),
-                Ok(()) => match match (sealed, &*cmd) {
-                    (Some(s), Command::Append { space, .. }) => {
-                        let space = space.clone();
-                        self.store_local(&mut txn, &space, s)
-                            .map(|(a, bytes)| Done::Append(Box::new(a), bytes))
-                    }
-                    _ => self.run_command(&mut txn, cmd),
+                Ok(checked) => match match checked {
+                    Some((space, s)) => self
+                        .store_local(&mut txn, &space, s)
+                        .map(|(a, bytes)| Done::Append(Box::new(a), bytes)),
+                    None => self.run_command(&mut txn, cmd),
                 } {
                     Ok(done) => Ok(done),
                     Err(e) if map::is_map_full(&e) => {
@@ -2017,10 +2020,10 @@ impl Writer {
         // A local event's HLC came from this clock's own tick: nothing to follow.
         if !local {
             let within = |now: u64| event.hlc.wall_ms() <= now.saturating_add(MAX_HLC_LEAD_MS);
-            if !within(self.wall_ms) {
-                self.wall_ms = wall_ms();
+            if !within(self.wall_seen_ms) {
+                self.wall_seen_ms = wall_ms();
             }
-            if within(self.wall_ms) {
+            if within(self.wall_seen_ms) {
                 self.hlc.observe(event.hlc);
             } else {
                 tracing::debug!(event = %event.id(), hlc = %event.hlc, "not following an HLC reading far ahead of the wall clock");
