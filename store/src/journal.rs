@@ -37,6 +37,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, Read, Write as _};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -57,12 +58,13 @@ const MAGIC: &[u8; 16] = b"weft journal v1\n";
 const HEAD: u64 = 4 + 8 + 16;
 /// A record is one batch: far below this unless something is corrupt.
 const MAX_RECORD: u64 = 1 << 30;
-/// The file is preallocated with zeros in steps of this: overwriting blocks that
-/// already hold zeros needs no metadata update, so a flush writes data only. The flush
-/// thread adds one step per flush while less than [`AHEAD`] is left, so each flush
-/// carries at most one step of zeros.
+/// The file is preallocated with zeros: overwriting blocks that already hold zeros
+/// needs no metadata update, so a flush writes data only. The flush thread keeps
+/// [`AHEAD`] bytes of zeros past the last record, written in pieces of [`PIECE`]
+/// between looks at its queue; the writer, should it ever run out, adds a [`STEP`].
 const STEP: u64 = 1 << 20;
 const AHEAD: u64 = 8 << 20;
+const PIECE: u64 = 128 << 10;
 
 /// Where the journal stands after a record: recorded in LMDB's `meta` by the commit
 /// that holds the record's batch.
@@ -137,24 +139,47 @@ struct Room {
 }
 
 impl Room {
-    /// Makes the file hold zeros up to at least `need` (and at least one more step).
+    /// Makes the file hold zeros up to at least `need` (and at least `step` more).
     /// Writes only past `allocated`,
     /// where no record is written before `allocated` moves past it.
-    fn extend(&self, file: &File, need: u64) -> io::Result<()> {
+    ///
+    /// The zeros are sent to the disk at once (`sync_file_range`, which does not wait):
+    /// left dirty, they went out with the next `fdatasync`, the one a batch's callers
+    /// wait for, which then took about twice as long and now and then several
+    /// milliseconds (BENCHMARKS.md, section 2).
+    fn extend(&self, file: &File, need: u64, step: u64) -> io::Result<()> {
         let _guard = self
             .extending
             .lock()
             .map_err(|_| io::Error::other("journal extension lock poisoned"))?;
-        let mut at = self.allocated.load(Ordering::Acquire);
-        if at >= need {
+        let start = self.allocated.load(Ordering::Acquire);
+        if start >= need {
             return Ok(());
         }
-        let target = need.max(at + STEP);
-        let zeros = vec![0u8; 1 << 20];
+        let target = need.max(start + step);
+        let zeros = vec![0u8; (target - start).min(1 << 20) as usize];
+        let mut at = start;
         while at < target {
             let n = (target - at).min(zeros.len() as u64);
             file.write_all_at(&zeros[..n as usize], at)?;
             at += n;
+        }
+        // SAFETY: plain syscall on an open descriptor; it reads and writes no memory
+        // of ours.
+        let rc = unsafe {
+            libc::sync_file_range(
+                file.as_raw_fd(),
+                start as libc::off64_t,
+                (target - start) as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            )
+        };
+        if rc != 0 {
+            // Only a head start: the next flush writes them, and reports what fails.
+            tracing::debug!(
+                "store: starting to write the journal's zeros: {}",
+                io::Error::last_os_error()
+            );
         }
         self.allocated.store(at, Ordering::Release);
         Ok(())
@@ -190,7 +215,7 @@ impl Journal {
             used: AtomicU64::new(MAGIC.len() as u64),
             extending: Mutex::new(()),
         };
-        room.extend(&file, STEP)?;
+        room.extend(&file, STEP, STEP)?;
         file.sync_all()?;
         sync_dir(path)?;
         Ok(Journal {
@@ -283,7 +308,7 @@ impl Journal {
         let end = start + HEAD + len;
         // A zero head after the record ends scans; room for it is kept.
         if end + HEAD > self.room.allocated.load(Ordering::Acquire) {
-            self.room.extend(&self.file, end + HEAD)?;
+            self.room.extend(&self.file, end + HEAD, STEP)?;
         }
         self.buf[..4].copy_from_slice(&(len as u32).to_le_bytes());
         self.buf[4..12].copy_from_slice(&seq.to_le_bytes());
@@ -640,7 +665,18 @@ fn flush_loop(
     // The highest mark a successful flush covered: a job a flush already covered (its
     // record was written ahead and flushed while the batch was applied) needs none.
     let mut synced = *flushed.borrow();
-    while let Ok(first) = jobs.recv() {
+    // Where the page cache has been released up to (see `drop_behind`).
+    let mut dropped = 0;
+    // A job that arrived while the thread was extending the file.
+    let mut next = None;
+    loop {
+        let first = match next.take() {
+            Some(job) => job,
+            None => match jobs.recv() {
+                Ok(job) => job,
+                Err(_) => return,
+            },
+        };
         let mut batch = vec![first];
         while let Ok(j) = jobs.try_recv() {
             batch.push(j);
@@ -653,27 +689,81 @@ fn flush_loop(
             (job.then)(None);
         }
         if !batch.is_empty() {
-            flush_and_answer(batch, file, failed, flushed, &mut synced);
+            let written = room.used.load(Ordering::Acquire);
+            if flush_and_answer(batch, file, failed, flushed, &mut synced) {
+                dropped = drop_behind(file, dropped, written);
+            }
         }
-        // Extend ahead of the writer, off its thread, while there is time.
-        let allocated = room.allocated.load(Ordering::Acquire);
-        if allocated.saturating_sub(room.used.load(Ordering::Relaxed)) < AHEAD {
-            if let Err(e) = room.extend(file, allocated + STEP) {
+        // Extend ahead of the writer, off its thread, while there is time: a piece at
+        // a time, and no further once a job is waiting. Writing zeros into new page
+        // cache can take a millisecond per megabyte (see `drop_behind`), and a batch
+        // journaled ahead is answered by this thread as soon as it commits.
+        while room
+            .allocated
+            .load(Ordering::Acquire)
+            .saturating_sub(room.used.load(Ordering::Relaxed))
+            < AHEAD
+        {
+            let allocated = room.allocated.load(Ordering::Acquire);
+            if let Err(e) = room.extend(file, allocated + PIECE, PIECE) {
                 tracing::warn!("store: preallocating the journal: {e}");
+                break;
+            }
+            if let Ok(job) = jobs.try_recv() {
+                next = Some(job);
+                break;
             }
         }
     }
 }
 
+/// Releases the page cache of the journal's flushed records, from `from` up to the
+/// page holding `written` (where the writer's next record starts, so it never has to
+/// read a page back), and returns the new low mark.
+///
+/// Nothing reads the journal while the store is open, so cached records only crowd
+/// out data that is read. And the pages freed here are what the next extension's
+/// zeros get: where the memory of a virtual machine is handed back to the host once
+/// it has been free a moment (free page reporting), a page that was never, or not
+/// lately, used costs the host a fault on its first write; writes into just-freed
+/// pages ran about seven times faster on the machine of BENCHMARKS.md. Only clean
+/// pages go; a flushed range holds no dirty ones but for a record rewritten after a
+/// rewind, which the kernel then starts writing back, as it may at any time.
+fn drop_behind(file: &File, from: u64, written: u64) -> u64 {
+    const PAGE: u64 = 4096;
+    let to = written / PAGE * PAGE;
+    if to <= from {
+        // A rewind moved the writer back; a later flush catches up.
+        return from.min(to);
+    }
+    // SAFETY: plain syscall on an open descriptor; it reads and writes no memory of ours.
+    let rc = unsafe {
+        libc::posix_fadvise(
+            file.as_raw_fd(),
+            from as libc::off_t,
+            (to - from) as libc::off_t,
+            libc::POSIX_FADV_DONTNEED,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!(
+            "store: releasing flushed journal pages: {}",
+            io::Error::from_raw_os_error(rc)
+        );
+    }
+    to
+}
+
 /// One `fdatasync` covering every job of `batch` (none of which an earlier one
-/// covered), then their answers, with the error if it failed.
+/// covered), then their answers, with the error if it failed. Returns whether the
+/// flush succeeded.
 fn flush_and_answer(
     batch: Vec<Job>,
     file: &File,
     failed: &AtomicBool,
     flushed: &watch::Sender<u64>,
     synced: &mut u64,
-) {
+) -> bool {
     let mark = batch.iter().map(|j| j.mark).max().unwrap_or(0);
     let result = if failed.load(Ordering::Acquire) {
         Err(io::Error::other("an earlier journal flush failed"))
@@ -697,6 +787,7 @@ fn flush_and_answer(
         });
         (job.then)(err);
     }
+    result.is_ok()
 }
 
 /// Fsyncs the directory holding `path`, so a created or renamed file's entry is durable.
@@ -929,6 +1020,53 @@ mod tests {
         let (all, at) = records(&path);
         assert_eq!(all.len(), 10);
         assert!(at.end > STEP * 2);
+    }
+
+    #[test]
+    fn records_rewritten_over_released_pages_read_back_intact() {
+        // The flush thread releases the page cache of what it flushed, so a rewind
+        // after a flush makes the next record overwrite pages that must be read back
+        // from the disk first. What the file then holds must be exactly the records
+        // kept, whatever was released.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(JOURNAL_FILE);
+        let mut j = Journal::create(&path).unwrap();
+        let (flush, _durable) = Flush::start(&j, 4).unwrap();
+        let flush_now = |j: &Journal| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            flush.submit(Job {
+                mark: j.mark(),
+                then: Box::new(move |failed| tx.send(failed.is_none()).unwrap()),
+            });
+            assert!(rx.recv().unwrap(), "the flush failed");
+        };
+        let big: Vec<u8> = (0..60_000u32).map(|i| (i % 251) as u8).collect();
+        let mut kept = Vec::new();
+        for round in 0..5u8 {
+            let tail = vec![round; 3];
+            kept.push(append(&mut j, &[&big, &tail]));
+            flush_now(&j);
+            put_events(j.payload(), "s", [big.as_slice()].into_iter());
+            let (before, _) = j.append().unwrap();
+            flush_now(&j);
+            j.rewind(before).unwrap();
+            flush_now(&j);
+        }
+        kept.push(append(&mut j, &[b"last"]));
+        flush_now(&j);
+        drop(flush);
+        let (all, at) = records(&path);
+        assert_eq!((all.len(), at), (kept.len(), *kept.last().unwrap()));
+        for (round, record) in all.iter().take(5).enumerate() {
+            let tail = vec![round as u8; 3];
+            assert_eq!(
+                ops(record).unwrap(),
+                [Op::Events {
+                    space: "s",
+                    events: vec![big.as_slice(), tail.as_slice()]
+                }]
+            );
+        }
     }
 
     #[test]
