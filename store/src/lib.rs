@@ -76,6 +76,7 @@ mod flush;
 mod journal;
 mod map;
 mod prefault;
+mod prepare;
 mod reads;
 mod tables;
 mod txn;
@@ -656,7 +657,10 @@ impl Store {
     /// [`Store::ingest`] in two steps, so that a caller with a stream of batches can
     /// authenticate the next one while the writer commits this one: returns once the
     /// batch is checked and queued for the writer, with a ticket for its outcome.
-    /// Batches reach the writer in the order their tickets were issued.
+    /// Batches reach the writer in the order their tickets were issued. A batch of
+    /// more than two events whose check has begun is queued even if this future is
+    /// dropped (the check runs on a blocking thread, which then queues it): the events
+    /// are authentic, and ingesting them twice stores them once.
     pub async fn submit_ingest(
         &self,
         space: &SpaceName,
@@ -667,15 +671,52 @@ impl Store {
             let _ = reply.send(Ok(IngestOutcome::default()));
             return Ok(IngestTicket { answer, bytes: 0 });
         }
-        let (events, prepared) = authenticate(space, events).await?;
-        let bytes = prepared.iter().map(|p| p.bytes.len() as u64).sum();
-        self.send(Command::Ingest {
-            space: space.clone(),
-            events,
-            prepared,
-            reply,
-        })
-        .await?;
+        let n = events.len();
+        let bytes = if n <= INLINE_AUTHENTICATE_AT {
+            // One or two events (a gossip message of a single write) cost less than the
+            // hand-off to a blocking thread and back, which at a thousand messages a
+            // second per peer was a visible share of a mesh's CPU.
+            let prepared: Vec<Prepared> = events.iter().map(Prepared::of).collect();
+            check_batch(space, &events, &prepared)?;
+            let bytes = prepared.iter().map(|p| p.bytes.len() as u64).sum();
+            self.send(Command::Ingest {
+                space: space.clone(),
+                events,
+                prepared,
+                reply,
+            })
+            .await?;
+            bytes
+        } else {
+            // Checked and queued in one hop: the blocking thread hands the batch to the
+            // writer itself, rather than waking this task to do it, since each hop
+            // between threads is on the path of a sequential catch-up.
+            let commands = self.inner.commands.clone().ok_or(StoreError::Closed)?;
+            let runtime = tokio::runtime::Handle::current();
+            let space = space.clone();
+            tokio::task::spawn_blocking(move || {
+                let (events, prepared) = if n >= PARALLEL_PREPARE_AT {
+                    prepare::prepare_shared(events, |helper| {
+                        drop(runtime.spawn_blocking(helper));
+                    })
+                } else {
+                    let prepared = events.iter().map(Prepared::of).collect();
+                    (events, prepared)
+                };
+                check_batch(&space, &events, &prepared)?;
+                let bytes = prepared.iter().map(|p| p.bytes.len() as u64).sum();
+                commands
+                    .blocking_send(Command::Ingest {
+                        space,
+                        events,
+                        prepared,
+                        reply,
+                    })
+                    .map_err(|_| StoreError::Closed)?;
+                Ok::<_, StoreError>(bytes)
+            })
+            .await??
+        };
         Ok(IngestTicket { answer, bytes })
     }
 
@@ -860,62 +901,30 @@ impl Store {
     }
 }
 
-/// Batches at least this long are encoded and hashed in two halves on two blocking
-/// threads; for shorter ones the second hop would cost more than it saves.
+/// Batches at least this long are encoded and hashed on two blocking threads (see
+/// `prepare`); for shorter ones the second thread would cost more than it saves.
 const PARALLEL_PREPARE_AT: usize = 64;
 
 /// Batches up to this many events are authenticated on the calling task: about one
 /// signature check (~50 µs), within what a runtime task may take between awaits.
+/// Larger ones are authenticated on blocking threads, so that neither the writer nor
+/// the async runtime pays for it.
 const INLINE_AUTHENTICATE_AT: usize = 2;
 
-/// Authenticates a remote batch (structure, signatures and hash chains, transaction
-/// tags) and computes each event's encoding and hash for the writer, on blocking
-/// threads (but for the smallest batches), so that neither the writer nor the async
-/// runtime pays for it.
-async fn authenticate(
+/// Authenticates a remote batch whose encodings and hashes are computed (structure,
+/// signatures and hash chains, transaction tags). The hashes serve the chain checks,
+/// so no event is encoded twice.
+fn check_batch(
     space: &SpaceName,
-    events: Vec<Event>,
-) -> Result<(Vec<Event>, Vec<Prepared>), StoreError> {
-    let events = Arc::new(events);
-    let prepare = |range: std::ops::Range<usize>| {
-        let events = events.clone();
-        move || events[range].iter().map(Prepared::of).collect::<Vec<_>>()
-    };
-    let check = {
-        let (space, events) = (space.clone(), events.clone());
-        move |prepared: Vec<Prepared>| -> Result<Vec<Prepared>, StoreError> {
-            let hashes: Vec<weft_crdt::EventHash> = prepared.iter().map(|p| p.hash).collect();
-            verify::verify_hashed(&space, &events, &hashes)?;
-            for e in events.iter() {
-                txn::group_of(e).map_err(|reason| StoreError::Rejected { id: e.id(), reason })?;
-            }
-            Ok(prepared)
-        }
-    };
-    // Encoding and hashing is most of the work, and the hashes then serve the chain
-    // checks too. A large batch splits it over two threads; a small one (a gossip
-    // message) takes a single hop to a blocking thread, which is what its latency pays.
-    let n = events.len();
-    let prepared = if n >= PARALLEL_PREPARE_AT {
-        let (a, b) = tokio::join!(
-            tokio::task::spawn_blocking(prepare(0..n / 2)),
-            tokio::task::spawn_blocking(prepare(n / 2..n))
-        );
-        let mut all = a?;
-        all.extend(b?);
-        tokio::task::spawn_blocking(move || check(all)).await??
-    } else if n <= INLINE_AUTHENTICATE_AT {
-        // One or two events (a gossip message of a single write) cost less than the
-        // hand-off to a blocking thread and back, which at a thousand messages a second
-        // per peer was a visible share of a mesh's CPU.
-        check(prepare(0..n)())?
-    } else {
-        let prepare = prepare(0..n);
-        tokio::task::spawn_blocking(move || check(prepare())).await??
-    };
-    // Every closure is done, so this is the last reference.
-    let events = Arc::try_unwrap(events).unwrap_or_else(|shared| (*shared).clone());
-    Ok((events, prepared))
+    events: &[Event],
+    prepared: &[Prepared],
+) -> Result<(), StoreError> {
+    let hashes: Vec<weft_crdt::EventHash> = prepared.iter().map(|p| p.hash).collect();
+    verify::verify_hashed(space, events, &hashes)?;
+    for e in events {
+        txn::group_of(e).map_err(|reason| StoreError::Rejected { id: e.id(), reason })?;
+    }
+    Ok(())
 }
 
 /// Jobs that may queue for the journal's flush thread before the writer waits for it:
