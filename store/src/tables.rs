@@ -230,17 +230,22 @@ pub(crate) fn space_meta_key(sid: SpaceId, field: &[u8]) -> Vec<u8> {
     k
 }
 
+#[cfg(test)]
 pub(crate) fn history_key(sid: SpaceId, key: &str, lsn: u64) -> Vec<u8> {
     history_key_bytes(sid, key.as_bytes(), lsn)
 }
 
 pub(crate) fn history_key_bytes(sid: SpaceId, key: &[u8], lsn: u64) -> Vec<u8> {
     let mut k = Vec::with_capacity(4 + key.len() + 9);
-    k.extend_from_slice(&sid.to_be_bytes());
-    k.extend_from_slice(key);
-    k.push(0);
-    k.extend_from_slice(&lsn.to_be_bytes());
+    put_history_key(&mut k, sid, key, lsn);
     k
+}
+
+fn put_history_key(out: &mut Vec<u8>, sid: SpaceId, key: &[u8], lsn: u64) {
+    out.extend_from_slice(&sid.to_be_bytes());
+    out.extend_from_slice(key);
+    out.push(0);
+    out.extend_from_slice(&lsn.to_be_bytes());
 }
 
 /// The record key and lsn of a `by_key` key.
@@ -604,25 +609,37 @@ impl Tables {
         key: &str,
         record: &Record,
     ) -> Result<bool, StoreError> {
-        let start = history_key_bytes(sid, key.as_bytes(), 0);
-        let end = history_key_bytes(sid, key.as_bytes(), u64::MAX);
-        let range = (Bound::Included(&start[..]), Bound::Included(&end[..]));
+        // Both bounds in one buffer: this runs once per applied event, on the writer.
+        let mut bounds = Vec::with_capacity(2 * (4 + key.len() + 9));
+        put_history_key(&mut bounds, sid, key.as_bytes(), 0);
+        let half = bounds.len();
+        put_history_key(&mut bounds, sid, key.as_bytes(), u64::MAX);
+        let (start, end) = bounds.split_at_mut(half);
+        let range = (Bound::Included(&*start), Bound::Included(&*end));
         let mut chunks = self.by_key.rev_range_mut(txn, &range)?;
         let last = match chunks.next() {
             Some(entry) => {
                 let (k, v) = entry?;
-                Some((split_history_key(k)?.1, k.to_vec(), v.to_vec()))
+                let first = split_history_key(k)?.1;
+                // Room for the record appended below, so the copy is not grown.
+                let mut chunk = Vec::with_capacity(v.len() + 20);
+                chunk.extend_from_slice(v);
+                Some((first, chunk))
             }
             None => None,
         };
         let was_conflict = match last {
-            Some((first, k, mut chunk)) => {
+            Some((first, mut chunk)) => {
                 let prev = last_record(first, &chunk, format_args!("{key:?}"))?;
                 if chunk.len() < CHUNK_BYTES {
                     record.encode_into(prev.lsn, &mut chunk)?;
+                    // The entry's key is the start bound with its first lsn.
+                    let k = &mut end[..];
+                    let at = k.len() - 8;
+                    k[at..].copy_from_slice(&first.to_be_bytes());
                     // SAFETY: nothing borrowed from the map is used across this write:
-                    // the key and the chunk were copied out above.
-                    unsafe { chunks.put_current(&k, &chunk)? };
+                    // the key is our own buffer and the chunk was copied out above.
+                    unsafe { chunks.put_current(k, &chunk)? };
                     return Ok(prev.conflict());
                 }
                 prev.conflict()
@@ -632,8 +649,10 @@ impl Tables {
         drop(chunks);
         let mut chunk = Vec::with_capacity(16);
         record.encode_into(record.lsn, &mut chunk)?;
-        self.by_key
-            .put(txn, &history_key(sid, key, record.lsn), &chunk)?;
+        let k = &mut end[..];
+        let at = k.len() - 8;
+        k[at..].copy_from_slice(&record.lsn.to_be_bytes());
+        self.by_key.put(txn, k, &chunk)?;
         Ok(was_conflict)
     }
 
