@@ -58,13 +58,12 @@ const MAGIC: &[u8; 16] = b"weft journal v1\n";
 const HEAD: u64 = 4 + 8 + 16;
 /// A record is one batch: far below this unless something is corrupt.
 const MAX_RECORD: u64 = 1 << 30;
-/// The file is preallocated with zeros: overwriting blocks that already hold zeros
-/// needs no metadata update, so a flush writes data only. The flush thread keeps
-/// [`AHEAD`] bytes of zeros past the last record, written in pieces of [`PIECE`]
-/// between looks at its queue; the writer, should it ever run out, adds a [`STEP`].
+/// The file is preallocated with zeros in steps of this: overwriting blocks that
+/// already hold zeros needs no metadata update, so a flush writes data only. The flush
+/// thread adds one step per flush while less than [`AHEAD`] is left, and each step is
+/// sent to the disk as it is written (see `Room::extend`).
 const STEP: u64 = 1 << 20;
 const AHEAD: u64 = 8 << 20;
-const PIECE: u64 = 128 << 10;
 
 /// Where the journal stands after a record: recorded in LMDB's `meta` by the commit
 /// that holds the record's batch.
@@ -667,16 +666,7 @@ fn flush_loop(
     let mut synced = *flushed.borrow();
     // Where the page cache has been released up to (see `drop_behind`).
     let mut dropped = 0;
-    // A job that arrived while the thread was extending the file.
-    let mut next = None;
-    loop {
-        let first = match next.take() {
-            Some(job) => job,
-            None => match jobs.recv() {
-                Ok(job) => job,
-                Err(_) => return,
-            },
-        };
+    while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
         while let Ok(j) = jobs.try_recv() {
             batch.push(j);
@@ -694,24 +684,11 @@ fn flush_loop(
                 dropped = drop_behind(file, dropped, written);
             }
         }
-        // Extend ahead of the writer, off its thread, while there is time: a piece at
-        // a time, and no further once a job is waiting. Writing zeros into new page
-        // cache can take a millisecond per megabyte (see `drop_behind`), and a batch
-        // journaled ahead is answered by this thread as soon as it commits.
-        while room
-            .allocated
-            .load(Ordering::Acquire)
-            .saturating_sub(room.used.load(Ordering::Relaxed))
-            < AHEAD
-        {
-            let allocated = room.allocated.load(Ordering::Acquire);
-            if let Err(e) = room.extend(file, allocated + PIECE, PIECE) {
+        // Extend ahead of the writer, off its thread, while there is time.
+        let allocated = room.allocated.load(Ordering::Acquire);
+        if allocated.saturating_sub(room.used.load(Ordering::Relaxed)) < AHEAD {
+            if let Err(e) = room.extend(file, allocated + STEP, STEP) {
                 tracing::warn!("store: preallocating the journal: {e}");
-                break;
-            }
-            if let Ok(job) = jobs.try_recv() {
-                next = Some(job);
-                break;
             }
         }
     }
