@@ -696,7 +696,11 @@ fn flush_loop(
 
 /// Releases the page cache of the journal's flushed records, from `from` up to the
 /// page holding `written` (where the writer's next record starts, so it never has to
-/// read a page back), and returns the new low mark.
+/// read a page back), once that is a [`STEP`] or more, and returns the new low mark.
+///
+/// A step at a time rather than after every flush: a release can make the kernel
+/// drain the page lists of every CPU, and under many writers there are thousands of
+/// flushes a second (measured equal or better for appends and ingest, session 11).
 ///
 /// Nothing reads the journal while the store is open, so cached records only crowd
 /// out data that is read. And the pages freed here are what the next extension's
@@ -709,9 +713,12 @@ fn flush_loop(
 fn drop_behind(file: &File, from: u64, written: u64) -> u64 {
     const PAGE: u64 = 4096;
     let to = written / PAGE * PAGE;
-    if to <= from {
+    if to < from {
         // A rewind moved the writer back; a later flush catches up.
-        return from.min(to);
+        return to;
+    }
+    if to - from < STEP {
+        return from;
     }
     // SAFETY: plain syscall on an open descriptor; it reads and writes no memory of ours.
     let rc = unsafe {
@@ -1004,7 +1011,8 @@ mod tests {
         // The flush thread releases the page cache of what it flushed, so a rewind
         // after a flush makes the next record overwrite pages that must be read back
         // from the disk first. What the file then holds must be exactly the records
-        // kept, whatever was released.
+        // kept, whatever was released. Records of 0.6 steps: the flush of each
+        // rewound one passes a release point, and the kept one after overwrites it.
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(JOURNAL_FILE);
         let mut j = Journal::create(&path).unwrap();
@@ -1017,7 +1025,9 @@ mod tests {
             });
             assert!(rx.recv().unwrap(), "the flush failed");
         };
-        let big: Vec<u8> = (0..60_000u32).map(|i| (i % 251) as u8).collect();
+        let big: Vec<u8> = (0..(STEP * 3 / 5) as u32)
+            .map(|i| (i % 251) as u8)
+            .collect();
         let mut kept = Vec::new();
         for round in 0..5u8 {
             let tail = vec![round; 3];
