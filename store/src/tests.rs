@@ -1214,21 +1214,35 @@ async fn the_map_grows_safely_while_relaxed_flushes_and_size_queries_run() {
     }
 }
 
-fn resident_bytes_of(file: &std::path::Path) -> u64 {
+/// The `/proc/self/smaps` entries of `file`'s mappings: (Rss in bytes, read-ahead
+/// off). The store's map may be split in two (see `prefault::no_readahead_above`).
+fn mappings_of(file: &std::path::Path) -> Vec<(u64, bool)> {
     let name = file.to_str().unwrap();
     let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-    let mut lines = smaps.lines();
-    while let Some(line) = lines.next() {
-        if line.ends_with(name) {
-            for l in lines.by_ref() {
-                if let Some(kb) = l.strip_prefix("Rss:") {
-                    let kb = kb.trim().trim_end_matches("kB").trim();
-                    return kb.parse::<u64>().unwrap() * 1024;
-                }
+    let mut found = Vec::new();
+    let mut current: Option<(u64, bool)> = None;
+    for line in smaps.lines() {
+        let head = line.split_whitespace().next().unwrap_or("");
+        if head.contains('-') && !head.ends_with(':') {
+            found.extend(current.take());
+            if line.ends_with(name) {
+                current = Some((0, false));
+            }
+        } else if let Some(entry) = current.as_mut() {
+            if let Some(kb) = line.strip_prefix("Rss:") {
+                let kb = kb.trim().trim_end_matches("kB").trim();
+                entry.0 = kb.parse::<u64>().unwrap() * 1024;
+            } else if let Some(flags) = line.strip_prefix("VmFlags:") {
+                entry.1 = flags.split_whitespace().any(|f| f == "rr");
             }
         }
     }
-    0
+    found.extend(current);
+    found
+}
+
+fn resident_bytes_of(file: &std::path::Path) -> u64 {
+    mappings_of(file).iter().map(|m| m.0).sum()
 }
 
 /// Waits (at most 10 s) until at least `want` bytes of `file`'s mapping are resident.
@@ -1260,6 +1274,14 @@ async fn the_map_is_faulted_in_ahead_of_the_writer_and_after_it_grows() {
     assert!(idle < 4 << 20, "{idle} bytes resident before any write");
     put(&store, "k", b"v").await;
     wait_resident(&file, 16 << 20).await;
+    // The part above what was written when the thread found the map is read without
+    // read-ahead, so that its pages come in one by one (single pages to dirty); the
+    // part below keeps it.
+    let maps = mappings_of(&file);
+    assert!(
+        maps.iter().any(|m| m.1) && maps.iter().any(|m| !m.1),
+        "{maps:?}"
+    );
     drop(store);
 
     // A 1 MiB map is populated whole. After it has grown (a new mapping, nothing
